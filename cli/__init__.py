@@ -1,0 +1,1 @@
+"""The `glm-mlx` command line (Typer + rich): thin typed commands over library calls."""

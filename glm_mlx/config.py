@@ -1,0 +1,217 @@
+"""ModelArgs: a GLM-5.x (`glm_moe_dsa`) config.json with the Hugging Face key names.
+
+Unknown keys are dropped; values the model cannot honour raise `ConfigError` naming the key.
+The analytic costs here (cache bytes per token) are what the planner and the tests check
+against real `nbytes`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+MODEL_TYPE = "glm_moe_dsa"
+# mlx-lm's initialize_rope understands these; anything else is refused up front.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "deepseek_yarn", "llama3")
+
+
+@dataclass
+class ModelArgs:
+    model_type: str = MODEL_TYPE
+    vocab_size: int = 154880
+    hidden_size: int = 6144
+    intermediate_size: int = 12288
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 78
+    num_attention_heads: int = 64
+    num_key_value_heads: int = 64
+    n_shared_experts: int | None = 1
+    n_routed_experts: int | None = 256
+    routed_scaling_factor: float = 2.5
+    kv_lora_rank: int = 512
+    q_lora_rank: int = 2048
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 256
+    qk_nope_head_dim: int = 192
+    n_group: int = 1
+    topk_group: int = 1
+    num_experts_per_tok: int = 8
+    norm_topk_prob: bool = True
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 202752
+    rms_norm_eps: float = 1e-5
+    rope_parameters: dict | None = None
+    rope_theta: float | None = None  # legacy key
+    rope_scaling: dict | None = None  # legacy key
+    rope_interleave: bool = True
+    indexer_rope_interleave: bool = True
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    index_topk: int = 2048
+    index_head_dim: int = 128
+    index_n_heads: int = 32
+    first_k_dense_replace: int = 3
+    moe_layer_freq: int = 1
+    mlp_layer_types: list | None = None
+    indexer_types: list | None = None
+    index_topk_freq: int = 1
+    index_skip_topk_offset: int = 2
+    index_topk_pattern: Any = None
+    num_nextn_predict_layers: int = 0
+    tie_word_embeddings: bool = False
+    eos_token_id: Any = None
+    bos_token_id: Any = None
+    pad_token_id: Any = None
+    quantization: dict | None = None  # mlx-lm convention: global settings + per-module overrides
+    extra: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "ModelArgs":
+        params = inspect.signature(cls).parameters
+        known = {k: v for k, v in config.items() if k in params and k != "extra"}
+        args = cls(**known)
+        args.extra = {k: v for k, v in config.items() if k not in params}
+        return args
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelArgs":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.exists():
+            raise ConfigError(f"no config.json at {path}", "Pass a checkpoint folder or a config.json file.")
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+
+    def __post_init__(self):
+        if self.model_type != MODEL_TYPE:
+            raise ConfigError(f"model_type is {self.model_type!r}, expected {MODEL_TYPE!r}")
+        self._resolve_rope()
+        self._resolve_layer_types()
+        self._validate()
+
+    # --- normalisation -------------------------------------------------------------------
+    def _resolve_rope(self):
+        # Newer configs carry `rope_parameters` (theta + scaling in one dict); older ones
+        # `rope_theta` and `rope_scaling`. Fold both into rope_parameters.
+        params = dict(self.rope_parameters or {})
+        if self.rope_scaling:
+            params = {**self.rope_scaling, **params}
+        if "rope_theta" not in params:
+            params["rope_theta"] = self.rope_theta if self.rope_theta is not None else 10000.0
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        params["rope_type"] = rope_type
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ConfigError(f"rope_parameters.rope_type={rope_type!r} is not supported "
+                              f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+        self.rope_parameters = params
+        self.rope_theta = params["rope_theta"]
+
+    def _resolve_layer_types(self):
+        n = self.num_hidden_layers
+        # Same schedule as transformers' GlmMoeDsaConfig.__post_init__ (IndexCache, GLM-5.2).
+        if self.indexer_types is None:
+            pattern = self.index_topk_pattern
+            if pattern is not None:
+                if isinstance(pattern, str):
+                    bad = set(pattern) - {"F", "S"}
+                    if bad:
+                        raise ConfigError(f"index_topk_pattern={pattern!r}: only 'F' and 'S' are allowed")
+                    self.indexer_types = [{"F": "full", "S": "shared"}[c] for c in pattern]
+                else:
+                    self.indexer_types = list(pattern)
+            else:
+                freq = max(int(self.index_topk_freq or 1), 1)
+                off = int(self.index_skip_topk_offset)
+                self.indexer_types = ["full" if max(i - off + 1, 0) % freq == 0 else "shared" for i in range(n)]
+        if self.mlp_layer_types is None:
+            if self.n_routed_experts:
+                self.mlp_layer_types = [
+                    "sparse" if i >= self.first_k_dense_replace and i % max(self.moe_layer_freq, 1) == 0 else "dense"
+                    for i in range(n)
+                ]
+            else:
+                self.mlp_layer_types = ["dense"] * n
+
+    def _validate(self):
+        def bad(key, value, why):
+            raise ConfigError(f"{key}={value!r}: {why}")
+
+        if len(self.indexer_types) != self.num_hidden_layers:
+            bad("indexer_types", self.indexer_types, f"needs {self.num_hidden_layers} entries")
+        if set(self.indexer_types) - {"full", "shared"}:
+            bad("indexer_types", self.indexer_types, "entries must be 'full' or 'shared'")
+        if self.indexer_types and self.indexer_types[0] != "full":
+            bad("indexer_types", self.indexer_types[:4], "layer 0 must be 'full' (a shared layer reuses an earlier one)")
+        if len(self.mlp_layer_types) != self.num_hidden_layers or set(self.mlp_layer_types) - {"dense", "sparse"}:
+            bad("mlp_layer_types", self.mlp_layer_types, f"needs {self.num_hidden_layers} 'dense'/'sparse' entries")
+        if "sparse" in self.mlp_layer_types:
+            e, g = self.n_routed_experts or 0, self.n_group
+            if e <= 0:
+                bad("n_routed_experts", self.n_routed_experts, "MoE layers need routed experts")
+            if g < 1 or e % g:
+                bad("n_group", g, f"must divide n_routed_experts={e}")
+            if not 1 <= self.topk_group <= g:
+                bad("topk_group", self.topk_group, f"must be in 1..n_group={g}")
+            if not 1 <= self.num_experts_per_tok <= self.topk_group * e // g:
+                bad("num_experts_per_tok", self.num_experts_per_tok, "more experts than the selected groups hold")
+            if g > 1 and e // g < 2:
+                bad("n_group", g, "group scoring takes the top-2 experts of a group; groups need >= 2 experts")
+        if self.scoring_func != "sigmoid":
+            bad("scoring_func", self.scoring_func, "only 'sigmoid' is supported (GLM-5.x)")
+        if self.topk_method not in ("noaux_tc",):
+            bad("topk_method", self.topk_method, "only 'noaux_tc' is supported (GLM-5.x)")
+        if self.hidden_act != "silu":
+            bad("hidden_act", self.hidden_act, "only 'silu' is supported")
+        if self.num_key_value_heads != self.num_attention_heads:
+            bad("num_key_value_heads", self.num_key_value_heads,
+                f"MLA expands one latent to every head; must equal num_attention_heads={self.num_attention_heads}")
+        if self.q_lora_rank is None or self.q_lora_rank <= 0:
+            bad("q_lora_rank", self.q_lora_rank, "the DSA indexer reads the q latent; q_lora_rank must be > 0")
+        if self.qk_rope_head_dim > self.index_head_dim or self.qk_rope_head_dim % 2:
+            bad("qk_rope_head_dim", self.qk_rope_head_dim, f"must be even and <= index_head_dim={self.index_head_dim}")
+        if self.index_topk < 1:
+            bad("index_topk", self.index_topk, "must be >= 1")
+        if self.num_nextn_predict_layers not in (0, 1):
+            bad("num_nextn_predict_layers", self.num_nextn_predict_layers, "GLM-5.x has one MTP layer; 0 or 1 supported")
+        if self.tie_word_embeddings:
+            bad("tie_word_embeddings", True, "GLM-5.x keeps a separate lm_head")
+
+    # --- derived shapes --------------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        e = self.eos_token_id
+        return [] if e is None else ([e] if isinstance(e, int) else list(e))
+
+    def has_indexer(self, layer: int) -> bool:
+        """Whether decoder layer `layer` has its own indexer (the MTP layer always does)."""
+        return layer >= self.num_hidden_layers or self.indexer_types[layer] == "full"
+
+    # --- analytic costs (checked against real nbytes by the tests) -------------------------
+    def latent_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        """One layer's latent KV cache: kv_lora_rank latent + qk_rope_head_dim rope key."""
+        return (self.kv_lora_rank + self.qk_rope_head_dim) * dtype_bytes
+
+    def indexer_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        """One full-indexer layer's indexer key cache: one index_head_dim key per token."""
+        return self.index_head_dim * dtype_bytes
+
+    def cache_bytes_per_token(self, dtype_bytes: int = 2, mtp: bool = False) -> int:
+        """Cache bytes per token over all layers (and the MTP layer when `mtp`)."""
+        layers = range(self.num_hidden_layers + (1 if mtp and self.num_nextn_predict_layers else 0))
+        return sum(self.latent_bytes_per_token(dtype_bytes)
+                   + (self.indexer_bytes_per_token(dtype_bytes) if self.has_indexer(i) else 0)
+                   for i in layers)

@@ -1,0 +1,1 @@
+"""Quantization formats and recipes, the streaming converter, and the memory planner."""
