@@ -1,0 +1,150 @@
+"""Load a GLM-MoE-DSA checkpoint: HF folders (BF16/FP32/FP8, single-file or sharded) and
+MLX-quantized folders (mlx-lm's `config["quantization"]` convention, per-module overrides).
+
+Weights are opened with `mx.load`, which memory-maps safetensors lazily: nothing is read until
+evaluated, so a checkpoint larger than RAM is never read whole at once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ModelArgs
+from .errors import CheckpointError, ConfigError
+from .model import Model
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def resolve_path(path_or_repo: str | Path) -> Path:
+    """A local folder, or a repo id already in the Hugging Face cache."""
+    p = Path(path_or_repo).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise CheckpointError(f"{p} is a file, not a checkpoint folder", "Pass the folder holding config.json.")
+    try:
+        from .hub import resolve_model_path
+    except ImportError:  # pragma: no cover - hub support missing
+        resolve_model_path = None
+    if resolve_model_path is not None and "/" in str(path_or_repo) and not str(path_or_repo).startswith((".", "/")):
+        return resolve_model_path(str(path_or_repo))
+    raise CheckpointError(f"no checkpoint folder at {p}", "Pass a folder with config.json and *.safetensors, or a downloaded repo id.")
+
+
+def read_config(path: Path) -> dict:
+    cfg = path / "config.json"
+    if not cfg.exists():
+        raise CheckpointError(f"{path} has no config.json", "Is this a complete checkpoint folder?")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{cfg} is not valid JSON ({e})") from None
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors shards, checked against the index when there is one (partial downloads)."""
+    index = path / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is unreadable ({e})") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (path / f).exists()]
+        if missing:
+            raise CheckpointError(f"missing shard {missing[0]} ({len(missing)} of {len(files)} shards missing) in {path}",
+                                  "The download is incomplete: re-run glm-mlx download to finish it.")
+        return [path / f for f in files]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors weights in {path}", "Download the weights, or pass the right folder.")
+    return files
+
+
+def read_weights(files: list[Path]) -> dict:
+    weights = {}
+    for f in files:
+        try:
+            weights.update(mx.load(str(f)))
+        except Exception as e:  # noqa: BLE001 - mx.load raises bare RuntimeError/ValueError on bad files
+            raise CheckpointError(f"corrupt shard {f.name}: {str(e).splitlines()[0]}",
+                                  "Delete the shard and re-download it.") from None
+    return weights
+
+
+def _quantize_for_checkpoint(model: Model, quantization: dict, weights: dict):
+    """Swap in quantized layers where the checkpoint holds quantized tensors (mlx-lm's rule)."""
+    from mlx_lm.utils import infer_quant_config
+
+    def predicate(path, module):
+        if path in quantization:  # per-module override: a dict of params or False
+            return quantization[path]
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        return infer_quant_config(path, module, weights)
+
+    nn.quantize(model, group_size=quantization.get("group_size", 64), bits=quantization.get("bits", 4),
+                mode=quantization.get("mode", "affine"), class_predicate=predicate)
+
+
+def _check_weights(model: Model, weights: dict):
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing:
+        raise CheckpointError(f"missing tensor {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if unexpected:
+        raise CheckpointError(f"unexpected tensor {unexpected[0]}" + (f" (+{len(unexpected) - 1} more)" if len(unexpected) > 1 else ""),
+                              "The checkpoint does not match its config.json (wrong model or config?).")
+    for k, v in weights.items():
+        if v.shape != expected[k].shape:
+            raise CheckpointError(f"tensor {k} has shape {tuple(v.shape)}, config implies {tuple(expected[k].shape)}",
+                                  "The checkpoint does not match its config.json.")
+
+
+def _target_dtype(config: dict, dtype):
+    if dtype is not None:
+        return dtype
+    name = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16").replace("torch.", "")
+    return {"float32": mx.float32, "float16": mx.float16}.get(name, mx.bfloat16)
+
+
+def load_model(path, *, lazy: bool = False, dtype=None, mtp: bool = True) -> Model:
+    """Load the model (no tokenizer). `dtype` defaults to the checkpoint's; `mtp=False` skips the MTP layer."""
+    path = resolve_path(path)
+    config = read_config(path)
+    args = ModelArgs.from_dict(config)
+    weights = read_weights(weight_files(path))
+    mtp_prefix = f"model.layers.{args.num_hidden_layers}."
+    has_mtp = mtp and any(k.startswith(mtp_prefix) for k in weights)
+    model = Model(args, mtp=has_mtp)
+    weights = model.sanitize(weights)
+    if args.quantization:
+        _quantize_for_checkpoint(model, args.quantization, weights)
+    _check_weights(model, weights)
+    target = _target_dtype(config, dtype)
+    cast = model.cast_predicate
+    weights = {k: (v.astype(target) if cast(k) and mx.issubdtype(v.dtype, mx.floating) else v)
+               for k, v in weights.items()}
+    model.eval()
+    model.load_weights(list(weights.items()), strict=False)  # checked above, with clearer errors
+    if not lazy:
+        mx.eval(model.parameters())
+    return model
+
+
+def load(path, *, lazy: bool = False, dtype=None, mtp: bool = True):
+    """(model, tokenizer): mlx-lm's TokenizerWrapper with the config's eos ids."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    path = resolve_path(path)
+    model = load_model(path, lazy=lazy, dtype=dtype, mtp=mtp)
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise CheckpointError(f"{path} has no tokenizer files", "Use load_model() for weights-only folders.")
+    return model, load_tokenizer(path, eos_token_ids=model.args.eos_token_ids or None)
