@@ -155,3 +155,32 @@ def _add_to_index(path: Path, tensors: dict, shard: str):
             index = {"metadata": {}, "weight_map": {k: "model.safetensors" for k in f.keys()}}
     index["weight_map"].update({k: shard for k in tensors})
     index_path.write_text(json.dumps(index, indent=2))
+
+
+GLM_SPECIALS = ["<pad>", "<|endoftext|>", "<|user|>", "[gMASK]", "<sop>", "<|system|>", "<|assistant|>",
+                "<think>", "</think>", "<|observation|>", "<unk>"]
+# GLM's chat format: [gMASK]<sop>, role tags, an optional thinking block.
+GLM_CHAT_TEMPLATE = (
+    "[gMASK]<sop>{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% if not enable_thinking|default(true) %}<think></think>{% endif %}{% endif %}"
+)
+
+
+def write_tokenizer(path: Path):
+    """A character-level tokenizer (ids < TINY vocab) with GLM-style special tokens and chat template."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list(" \n" + string.ascii_letters + string.digits + ".,!?'-:")
+    vocab = {t: i for i, t in enumerate(GLM_SPECIALS + chars)}
+    assert len(vocab) <= TINY["vocab_size"]
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(GLM_SPECIALS)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.chat_template = GLM_CHAT_TEMPLATE
+    fast.save_pretrained(path)
