@@ -15,6 +15,14 @@ def __getattr__(name):
         from . import loading
 
         return getattr(loading, name)
+    if name in ("generate", "stream_generate", "encode_prompt"):
+        from . import generate as gen
+
+        return getattr(gen, name)
+    if name in ("Engine", "PromptCache", "SamplingParams"):
+        from . import engine, prompt_cache, sampling
+
+        return getattr(engine, name, None) or getattr(prompt_cache, name, None) or getattr(sampling, name)
     if name == "Model":
         from .model import Model
 
@@ -22,4 +30,5 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["ModelArgs", "Model", "load", "load_model", "GlmMlxError", "ConfigError", "CheckpointError"]
+__all__ = ["ModelArgs", "Model", "load", "load_model", "generate", "stream_generate", "Engine", "PromptCache",
+           "SamplingParams", "GlmMlxError", "ConfigError", "CheckpointError"]

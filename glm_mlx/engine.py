@@ -1,0 +1,170 @@
+"""Token-level generation: chunked prefill, prompt-cache reuse, MTP speculative decoding.
+
+Knows nothing of tokenizers or terminals (generate.py adds text). State lives in a
+`PromptCache`; its invariant between calls:
+  * `cache` (main layers) holds exactly `tokens`;
+  * `mtp_cache` holds one slot per position 0..len(tokens)-2, slot i = (h_i, tokens[i+1]);
+  * `last_hidden` is h at the last position, waiting for the token that follows it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import mlx.core as mx
+
+from .model import Model
+from .prompt_cache import PromptCache
+from .sampling import Sampler, SamplingParams, speculative_accept
+
+
+@dataclass
+class StepStats:
+    prompt_tokens: int = 0  # prompt tokens actually prefilled (reused ones excluded)
+    reused_tokens: int = 0
+    prompt_time: float = 0.0
+    generated: int = 0
+    gen_time: float = 0.0
+    main_passes: int = 0  # main-model decode passes
+    drafted: int = 0
+    accepted: int = 0
+    accepted_per_pos: list = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        return self.generated / self.main_passes if self.main_passes else 0.0
+
+
+class Engine:
+    def __init__(self, model: Model, params: SamplingParams | None = None, *, mtp: bool | None = None,
+                 num_draft: int = 1, prefill_step: int = 2048):
+        self.model = model
+        self.sampler = Sampler(params or SamplingParams())
+        self.mtp = model.has_mtp if mtp is None else (mtp and model.has_mtp)
+        self.num_draft = max(1, num_draft)
+        self.prefill_step = prefill_step
+
+    def new_cache(self) -> PromptCache:
+        return PromptCache.fresh(self.model, mtp=self.mtp)
+
+    # --- prefill ---------------------------------------------------------------------------
+    def _forward(self, pc: PromptCache, toks: list[int]) -> mx.array:
+        """Run the main model on toks (appending to the cache) and feed the MTP layer; return logits [1, L, V]."""
+        logits, hidden = self.model(mx.array([toks]), cache=pc.cache, return_hidden=True)
+        if pc.mtp_cache is not None:
+            # MTP slot i pairs h_i with token i+1: feed the previous last position and every
+            # new position but the last (whose next token is not known yet).
+            if pc.last_hidden is None:
+                hs, nxt = hidden[:, :-1], toks[1:]
+            else:
+                hs, nxt = mx.concatenate([pc.last_hidden, hidden[:, :-1]], axis=1), toks
+            if nxt:
+                self.model.mtp_logits(hs, mx.array([nxt]), pc.mtp_cache)
+            pc.last_hidden = hidden[:, -1:]
+        pc.tokens.extend(toks)
+        return logits
+
+    def prefill(self, pc: PromptCache, prompt: list[int], stats: StepStats) -> mx.array:
+        """Reuse the common prefix, prefill the rest in chunks; return the last position's logits [V]."""
+        start = time.perf_counter()
+        reused = pc.reuse(prompt, self.model)
+        todo = prompt[reused:]
+        stats.reused_tokens, stats.prompt_tokens = reused, len(todo)
+        logits = None
+        for i in range(0, len(todo), self.prefill_step):
+            logits = self._forward(pc, todo[i : i + self.prefill_step])[0, -1]
+            # Evaluate and free between chunks: peak memory stays at one chunk's activations.
+            mx.eval(logits, pc.arrays())
+            mx.clear_cache()
+        stats.prompt_time = time.perf_counter() - start
+        return logits
+
+    # --- decode ----------------------------------------------------------------------------
+    def generate(self, prompt: list[int], pc: PromptCache | None = None, max_tokens: int = 256,
+                 stats: StepStats | None = None) -> Iterator[int]:
+        """Yield generated token ids. The caller stops iterating when it sees a stop token."""
+        pc = pc if pc is not None else self.new_cache()
+        stats = stats if stats is not None else StepStats()
+        if not prompt:
+            raise ValueError("empty prompt")
+        logits = self.prefill(pc, prompt, stats)
+        history = mx.array(prompt)
+        y = self.sampler.sample(self.sampler.process(history, logits[None]))[0].item()
+        start = time.perf_counter()
+        stats.generated, stats.main_passes = 1, 0
+        yield y
+        if self.mtp and pc.mtp_cache is not None:
+            yield from self._decode_mtp(pc, y, max_tokens, stats, start)
+        else:
+            yield from self._decode_plain(pc, y, max_tokens, stats, start)
+
+    def _decode_plain(self, pc, y, max_tokens, stats, start):
+        def step(tok):
+            logits = self._forward(pc, [tok])[0, -1:]
+            nxt = self.sampler.sample(self.sampler.process(mx.array(pc.tokens), logits))[0]
+            mx.async_eval(nxt)  # overlap the next step's graph building with this evaluation
+            return nxt
+
+        nxt = step(y)
+        while stats.generated < max_tokens:
+            stats.main_passes += 1
+            tok = nxt.item()
+            stats.generated += 1
+            stats.gen_time = time.perf_counter() - start
+            if stats.generated < max_tokens:
+                nxt = step(tok)
+            yield tok
+
+    def _draft(self, pc: PromptCache, y: int) -> tuple[list[int], mx.array]:
+        """k draft tokens from the MTP layer; leaves the drafted slots in mtp_cache (trimmed later)."""
+        drafts, logits_all = [], []
+        hidden, tok = pc.last_hidden, y
+        for _ in range(self.num_draft):
+            logits, hidden = self.model.mtp_logits(hidden, mx.array([[tok]]), pc.mtp_cache)
+            hist = mx.array(pc.tokens + [y] + drafts)
+            logits = self.sampler.process(hist, logits[0, -1:])
+            tok = self.sampler.sample(logits)[0].item()
+            drafts.append(tok)
+            logits_all.append(logits)
+        return drafts, mx.concatenate(logits_all, axis=0)
+
+    def _decode_mtp(self, pc, y, max_tokens, stats, start):
+        k = self.num_draft
+        stats.accepted_per_pos = [0] * k
+        while stats.generated < max_tokens:
+            n = len(pc.tokens)  # y sits at position n, not yet in the cache
+            drafts, draft_logits = self._draft(pc, y)
+            # Verify y and all drafts in one main-model pass.
+            logits, hidden = self.model(mx.array([[y] + drafts]), cache=pc.cache, return_hidden=True)
+            stats.main_passes += 1
+            hist = pc.tokens + [y]
+            target = mx.concatenate([self.sampler.process(mx.array(hist + drafts[:j]), logits[0, j : j + 1])
+                                     for j in range(k + 1)], axis=0)
+            a, nxt = speculative_accept(self.sampler, target, draft_logits, drafts)
+            stats.drafted += k
+            stats.accepted += a
+            for j in range(a):
+                stats.accepted_per_pos[j] += 1
+            # Roll back rejected positions: main cache keeps y + a drafts; the MTP cache drops
+            # every drafted slot and is re-fed with the main model's true hidden states.
+            for c in pc.cache:
+                c.trim(k - a)
+            pc.mtp_cache.trim(k - 1)  # keep slot n-1 = (h_{n-1}, y); drop the draft-hidden slots
+            if a:  # re-feed the accepted positions with the main model's true hidden states
+                self.model.mtp_logits(hidden[:, :a], mx.array([drafts[:a]]), pc.mtp_cache)
+            pc.tokens.extend([y] + drafts[:a])
+            pc.last_hidden = hidden[:, a : a + 1]
+            assert len(pc.tokens) == n + a + 1
+            for tok in drafts[:a] + [nxt]:
+                if stats.generated >= max_tokens:
+                    return
+                stats.generated += 1
+                stats.gen_time = time.perf_counter() - start
+                yield tok
+            y = nxt

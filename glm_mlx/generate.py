@@ -1,0 +1,121 @@
+"""Text generation: prompts (string, token ids or chat messages) in, text deltas out.
+
+    from glm_mlx import load, generate
+    model, tokenizer = load("path/to/model")
+    print(generate(model, tokenizer, [{"role": "user", "content": "Hi!"}], max_tokens=64))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import mlx.core as mx
+
+from .engine import Engine, StepStats
+from .prompt_cache import PromptCache
+from .sampling import SamplingParams
+
+
+@dataclass
+class GenerationResponse:
+    text: str  # the new text since the previous response
+    token: int | None
+    finish_reason: str | None  # None, "stop" (eos or stop string) or "length"
+    prompt_tokens: int
+    reused_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB
+    acceptance_rate: float  # MTP drafts accepted / drafted (0 without MTP)
+    tokens_per_pass: float  # generated tokens per main-model decode pass
+
+
+def encode_prompt(tokenizer, prompt, enable_thinking: bool | None = None) -> list[int]:
+    """str -> ids; list of ints -> as is; list of {"role","content"} -> rendered with the chat template."""
+    if isinstance(prompt, str):
+        bos = getattr(tokenizer, "bos_token", None)
+        add = not (bos and prompt.startswith(bos))
+        return list(tokenizer.encode(prompt, add_special_tokens=add))
+    prompt = list(prompt)
+    if prompt and isinstance(prompt[0], dict):
+        kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False, **kwargs)
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    return [int(t) for t in prompt]
+
+
+class _StopStrings:
+    """Holds back text that could still become a stop string; cuts at the first match."""
+
+    def __init__(self, stops):
+        self.stops = [s for s in (stops or []) if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.text, self.sent = "", 0
+
+    def push(self, segment: str, final: bool) -> tuple[str, bool]:
+        self.text += segment
+        for s in self.stops:
+            i = self.text.find(s)
+            if i >= 0:
+                out, self.sent = self.text[self.sent : i], i
+                return out, True
+        end = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
+        out, self.sent = self.text[self.sent : end], end
+        return out, False
+
+
+def stream_generate(model, tokenizer, prompt, *, max_tokens: int = 256, temp: float = 0.0, top_p: float = 1.0,
+                    min_p: float = 0.0, top_k: int = 0, repetition_penalty: float | None = None,
+                    seed: int | None = None, stop: list[str] | None = None, prompt_cache: PromptCache | None = None,
+                    mtp: bool | None = None, num_draft: int = 1, prefill_step: int = 2048,
+                    enable_thinking: bool | None = None) -> Iterator[GenerationResponse]:
+    """Yield one GenerationResponse per generated token (the last one carries finish_reason)."""
+    params = SamplingParams(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k,
+                            repetition_penalty=repetition_penalty, seed=seed)
+    engine = Engine(model, params, mtp=mtp, num_draft=num_draft, prefill_step=prefill_step)
+    ids = encode_prompt(tokenizer, prompt, enable_thinking)
+    eos = set(model.args.eos_token_ids) | set(getattr(tokenizer, "eos_token_ids", None) or [])
+    stats = StepStats()
+    detok = tokenizer.detokenizer
+    detok.reset()
+    stops = _StopStrings(stop)
+    mx.reset_peak_memory()
+
+    def response(text, token, reason):
+        return GenerationResponse(
+            text=text, token=token, finish_reason=reason, prompt_tokens=stats.prompt_tokens,
+            reused_tokens=stats.reused_tokens,
+            prompt_tps=stats.prompt_tokens / stats.prompt_time if stats.prompt_time else 0.0,
+            generation_tokens=stats.generated,
+            generation_tps=(stats.generated - 1) / stats.gen_time if stats.gen_time else 0.0,
+            peak_memory=mx.get_peak_memory() / 1e9, acceptance_rate=stats.acceptance_rate,
+            tokens_per_pass=stats.tokens_per_pass)
+
+    tokens = engine.generate(ids, prompt_cache, max_tokens=max_tokens, stats=stats)
+    try:
+        for token in tokens:
+            if token in eos:
+                detok.finalize()
+                text, _ = stops.push(detok.last_segment, final=True)
+                yield response(text, token, "stop")
+                return
+            detok.add_token(token)
+            last = stats.generated >= max_tokens
+            if last:
+                detok.finalize()
+            text, hit = stops.push(detok.last_segment, final=last)
+            if hit:
+                yield response(text, token, "stop")
+                return
+            yield response(text, token, "length" if last else None)
+            if last:
+                return
+    finally:
+        tokens.close()
+
+
+def generate(model, tokenizer, prompt, **kwargs) -> str:
+    """The whole response text (see stream_generate for the keywords)."""
+    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs))

@@ -1,0 +1,406 @@
+"""Hugging Face Hub access: list a repo's files, check disk space, download resumably, find cached models.
+
+Everything goes through huggingface_hub and its cache (or a folder the user names). One gap is filled here:
+huggingface_hub 2.x does not resume a file across runs (each transfer goes to a process-unique temporary file,
+deleted on failure), which for 5 GB weight shards means an interruption throws away up to 8 x 5 GB. So the LFS
+files (the weights) are fetched here first, into a stable `<etag>.incomplete` file that the next run continues
+with an HTTP Range request, and then renamed to where huggingface_hub expects them; `snapshot_download`
+finishes the job (small files, refs, snapshot links; for `local_dir` it checks each weight's sha256).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import threading
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, NamedTuple, Sequence
+from urllib.parse import urlsplit
+
+import httpx2
+from huggingface_hub import HfApi, constants, get_hf_file_metadata, hf_hub_url, snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HFValidationError,
+    HfHubHTTPError,
+    IncompleteSnapshotError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.file_download import http_get, repo_folder_name
+from huggingface_hub.utils import WeakFileLock, build_hf_headers, filter_repo_objects, validate_repo_id
+from tqdm.auto import tqdm
+
+from .errors import GlmMlxError
+
+RESUME_HINT = "Re-run the same command: finished files and partial downloads are kept and it resumes."
+
+
+class HubError(GlmMlxError):
+    """The Hub refused or failed a request (missing repo, gated, network, interrupted transfer)."""
+
+    hint = RESUME_HINT
+
+
+class DiskSpaceError(GlmMlxError):
+    """Not enough free disk space for what is left to download."""
+
+
+class ModelNotFoundError(GlmMlxError):
+    """Neither a local model folder nor a repo present in the local Hugging Face cache."""
+
+
+class RepoFile(NamedTuple):
+    path: str
+    size: int
+
+
+class _Entry(NamedTuple):
+    path: str
+    size: int
+    etag: str  # sha256 for LFS files, git blob id otherwise: the blob's name in the cache
+    lfs: bool
+
+
+@dataclass
+class DownloadResult:
+    path: Path
+    files: int
+    bytes: int
+
+
+def fmt_bytes(n: float) -> str:
+    """Decimal units, as the Hub shows sizes: 1.40 TB, 5.37 GB, 312.5 kB."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@contextlib.contextmanager
+def hub_errors(repo_id: str, revision: str | None = None):
+    """Turn huggingface_hub / network exceptions into one-line HubErrors with a hint."""
+    rev = revision or "main"
+    try:
+        yield
+    except GatedRepoError as e:  # before RepositoryNotFoundError: it is a subclass
+        raise HubError(
+            f"{repo_id} is a gated repository and this account has no access to it",
+            hint=f"Accept its terms on {constants.ENDPOINT}/{repo_id}, then log in (`hf auth login` or set HF_TOKEN) and re-run.",
+        ) from e
+    except RepositoryNotFoundError as e:
+        raise HubError(
+            f"repository not found on the Hub: {repo_id}",
+            hint="Check the repo id (owner/name). For a private repo, log in with `hf auth login` or set HF_TOKEN.",
+        ) from e
+    except RevisionNotFoundError as e:
+        raise HubError(f"revision '{rev}' not found in {repo_id}", hint="Pass a branch, tag or commit that exists (default: main).") from e
+    except RemoteEntryNotFoundError as e:
+        raise HubError(f"a file listed in {repo_id}@{rev} is missing on the Hub ({e.response.url})",
+                       hint="The repo may have changed while downloading; re-run to fetch its current state.") from e
+    except HFValidationError as e:
+        raise HubError(f"not a valid repo id: {repo_id!r}", hint="Use the form owner/name, e.g. zai-org/GLM-5.1.") from e
+    except (OfflineModeIsEnabled, LocalEntryNotFoundError, httpx2.ConnectError, httpx2.TimeoutException) as e:
+        raise HubError(
+            f"cannot reach the Hub at {constants.ENDPOINT}",
+            hint="Check the network (or HF_ENDPOINT, HF_HUB_OFFLINE, proxy settings), then re-run: downloads resume.",
+        ) from e
+    except httpx2.TransportError as e:  # connection dropped mid-transfer after huggingface_hub's own retries
+        raise HubError(f"download interrupted: {e}") from e
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else "?"
+        raise HubError(f"the Hub answered HTTP {status} for {repo_id}" + (f" ({e.server_message})" if e.server_message else "")) from e
+    except OSError as e:
+        if "Consistency check failed" in str(e):  # a transfer ended with the wrong size
+            raise HubError(f"download of {repo_id} ended early or with the wrong size") from e
+        raise
+
+
+def _listing(repo_id: str, revision: str | None, include, exclude) -> tuple[str, list[_Entry]]:
+    """(commit sha, selected files) from one model_info call, filtered like snapshot_download filters."""
+    with hub_errors(repo_id, revision):
+        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+    entries = {
+        s.rfilename: _Entry(s.rfilename, s.lfs.size if s.lfs else (s.size or 0), s.lfs.sha256 if s.lfs else (s.blob_id or ""), s.lfs is not None)
+        for s in info.siblings or []
+    }
+    keep = set(filter_repo_objects(entries, allow_patterns=list(include or []) or None, ignore_patterns=list(exclude or []) or None))
+    if not keep:
+        what = " ".join([*(f"--include {p}" for p in include or []), *(f"--exclude {p}" for p in exclude or [])])
+        raise HubError(f"no files in {repo_id}@{revision or 'main'} match {what or 'the request'}",
+                       hint=f"See the file list at {constants.ENDPOINT}/{repo_id}/tree/{revision or 'main'} and adjust the patterns.")
+    return info.sha, [e for p, e in entries.items() if p in keep]
+
+
+def repo_files(repo_id: str, revision: str | None = None, include=None, exclude=None) -> list[RepoFile]:
+    """The repo's files as (path, size), after include/exclude globs (huggingface_hub's allow/ignore_patterns)."""
+    return [RepoFile(e.path, e.size) for e in _listing(repo_id, revision, include, exclude)[1]]
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free space on the disk that holds `path` (or its nearest existing parent)."""
+    p = Path(path).expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def check_disk(files: Iterable[Sequence], target_dir: str | Path, done: int | None = None) -> int:
+    """Refuse (DiskSpaceError, with the numbers) unless target_dir's disk holds what is left of `files`.
+
+    `files` are (path, size) pairs; `done` is how many of their bytes are already on disk (finished or partial
+    files), which need no new space. By default it counts files already at `target_dir/path`. Returns the bytes
+    still needed.
+    """
+    files = list(files)
+    total = sum(f[1] for f in files)
+    if done is None:
+        done = sum(min(f[1], _size(Path(target_dir, f[0]))) for f in files)
+    needed, free = max(total - done, 0), free_bytes(target_dir)
+    if needed > free:
+        raise DiskSpaceError(
+            f"not enough disk space in {target_dir}: need {fmt_bytes(needed)} more, only {fmt_bytes(free)} free "
+            f"({fmt_bytes(total)} in total, {fmt_bytes(done)} already downloaded)",
+            hint=f"Free at least {fmt_bytes(needed - free)}, or download to another disk with --dir DIR (or set HF_HUB_CACHE).",
+        )
+    return needed
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+class _Quiet(tqdm):
+    """huggingface_hub's own bars off: progress is drawn by rich here."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["disable"] = True
+        super().__init__(*args, **kwargs)
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _Tracked:
+    """The file http_get writes to: counts bytes for the progress bar and stops when the run is cancelled."""
+
+    def __init__(self, fh, advance, cancel: threading.Event):
+        self._fh, self._advance, self._cancel = fh, advance, cancel
+
+    def write(self, chunk: bytes) -> int:
+        if self._cancel.is_set():
+            raise _Cancelled()
+        n = self._fh.write(chunk)
+        self._advance(len(chunk))
+        return n
+
+    def truncate(self, size=None) -> int:  # http_get restarts at 0 if a server ignores the Range header
+        before = os.fstat(self._fh.fileno()).st_size
+        after = self._fh.truncate(size)
+        self._advance(after - before)
+        return after
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+
+class _Layout:
+    """Where a weight file ends up and where its partial download lives, for the cache or a local_dir."""
+
+    def __init__(self, repo_id: str, commit: str, local_dir: Path | None):
+        self.local_dir = local_dir
+        self.cache = Path(constants.HF_HUB_CACHE).expanduser().absolute()
+        self.storage = self.cache / repo_folder_name(repo_id=repo_id, repo_type="model")
+        self.commit = commit
+        self.target = local_dir or self.cache  # the disk that must hold the download
+
+    def final(self, e: _Entry, etag: str) -> Path:
+        return self.local_dir / e.path if self.local_dir else self.storage / "blobs" / etag
+
+    def partial(self, etag: str) -> Path:
+        if self.local_dir:
+            return self.local_dir / ".cache" / "glm-mlx" / f"{etag}.incomplete"
+        return self.storage / "blobs" / f"{etag}.incomplete"
+
+    def lock(self, etag: str) -> Path:  # in the cache: the lock huggingface_hub itself takes for this blob
+        if self.local_dir:
+            return self.local_dir / ".cache" / "glm-mlx" / f"{etag}.lock"
+        return self.cache / ".locks" / self.storage.name / f"{etag}.lock"
+
+    def done_bytes(self, e: _Entry) -> int:
+        """Bytes of `e` already on disk: all of it when finished, the partial file's size otherwise."""
+        if self.local_dir:
+            finished = _size(self.local_dir / e.path) == e.size and (self.local_dir / e.path).is_file()
+        else:
+            finished = (self.storage / "snapshots" / self.commit / e.path).exists() or (self.storage / "blobs" / e.etag).exists()
+        if finished:
+            return e.size
+        return min(_size(self.partial(e.etag)), e.size) if e.lfs else 0
+
+
+def _fetch_weight(repo_id: str, e: _Entry, layout: _Layout, bars: "_Bars", cancel: threading.Event) -> None:
+    """Download one LFS file into its final place, continuing a partial file from an earlier run."""
+    url = hf_hub_url(repo_id, e.path, revision=layout.commit)
+    headers = build_hf_headers()
+    meta = get_hf_file_metadata(url, headers=headers)  # HEAD: the etag (blob name), size, and CDN location
+    etag, size = meta.etag or e.etag, meta.size if meta.size is not None else e.size
+    final, partial = layout.final(e, etag), layout.partial(etag)
+    if final.exists():
+        return
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    layout.lock(etag).parent.mkdir(parents=True, exist_ok=True)
+    with WeakFileLock(str(layout.lock(etag))):  # another glm-mlx/hf process on the same blob waits here
+        if final.exists():
+            return
+        have = _size(partial)
+        if have > size:  # not a prefix of this file: start over
+            partial.unlink()
+            have = 0
+        get_headers = dict(headers)
+        if urlsplit(meta.location).netloc != urlsplit(url).netloc:
+            get_headers.pop("authorization", None)  # never send the token to a CDN
+        task = bars.start(e.path, size, have)
+        try:
+            with open(partial, "ab") as fh:
+                http_get(meta.location, _Tracked(fh, lambda n: bars.advance(task, n), cancel), resume_size=have,
+                         headers=get_headers, expected_size=size, displayed_filename=e.path, tqdm_class=_Quiet)
+        finally:
+            bars.finish(task)
+        got = _size(partial)
+        if got != size:
+            partial.unlink()
+            raise HubError(f"{e.path}: downloaded {fmt_bytes(got)}, expected {fmt_bytes(size)}")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(partial, final)
+
+
+class _Bars:
+    """Rich progress on stderr: a total bar (bytes, speed, ETA) and one line per file in flight."""
+
+    def __init__(self, enabled: bool, total: int, done: int, label: str):
+        self.progress = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                       TransferSpeedColumn)
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                     TransferSpeedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                     console=Console(stderr=True), transient=False)
+            self.total, self.size = self.progress.add_task(label, total=total, completed=done), total
+
+    def __enter__(self):
+        if self.progress:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress:
+            self.progress.stop()
+
+    def log(self, message: str) -> None:
+        if self.progress:
+            self.progress.console.print(message, highlight=False)
+
+    def start(self, name: str, size: int, have: int):
+        if self.progress:
+            return self.progress.add_task(f"  {name}", total=size, completed=have)
+
+    def advance(self, task, n: int) -> None:
+        if self.progress:
+            self.progress.advance(task, n)
+            self.progress.advance(self.total, n)
+
+    def finish(self, task) -> None:
+        if self.progress and task is not None:
+            self.progress.remove_task(task)
+
+    def complete(self) -> None:
+        if self.progress:
+            self.progress.update(self.total, completed=self.size)
+
+
+def download_repo(repo_id: str, revision: str | None = None, include=None, exclude=None,
+                  local_dir: str | Path | None = None, progress: bool = True, max_workers: int = 8) -> DownloadResult:
+    """Download `repo_id` (filtered by include/exclude globs); see `download`. Returns path, file count, bytes."""
+    include, exclude = list(include or []) or None, list(exclude or []) or None
+    commit, entries = _listing(repo_id, revision, include, exclude)
+    layout = _Layout(repo_id, commit, Path(local_dir).expanduser().absolute() if local_dir else None)
+    done = {e.path: layout.done_bytes(e) for e in entries}
+    total, have = sum(e.size for e in entries), sum(done.values())
+    check_disk(entries, layout.target, done=have)
+    todo = [e for e in entries if e.lfs and done[e.path] < e.size]
+    cancel = threading.Event()
+    with _Bars(progress, total, have, f"{repo_id}@{commit[:8]}") as bars, hub_errors(repo_id, revision):
+        bars.log(f"Downloading {repo_id}@{commit[:8]}: {len(entries)} files, {fmt_bytes(total)}"
+                 f" ({fmt_bytes(have)} already here) -> {layout.target}")
+        if todo:
+            pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="glm-mlx-download")
+            try:
+                pending = {pool.submit(_fetch_weight, repo_id, e, layout, bars, cancel) for e in todo}
+                while pending:  # short waits: the main thread must stay free to take Ctrl-C
+                    finished, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+                    for fut in finished:
+                        fut.result()
+            except BaseException:
+                cancel.set()  # stop the other transfers at their next chunk; partial files stay for the next run
+                raise
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+        # Weights are in place: huggingface_hub links them into the snapshot and fetches the small files.
+        path = snapshot_download(repo_id, revision=revision, local_dir=layout.local_dir, allow_patterns=include or None,
+                                 ignore_patterns=exclude or None, max_workers=max_workers, tqdm_class=_Quiet)
+        bars.complete()
+    return DownloadResult(Path(path), len(entries), total)
+
+
+def download(repo_id: str, revision: str | None = None, include=None, exclude=None,
+             local_dir: str | Path | None = None, progress: bool = True) -> Path:
+    """Download a model repo from the Hub; return its local folder.
+
+    Files go to the Hugging Face cache (HF_HUB_CACHE) unless `local_dir` is given. Free disk space is checked
+    against the files' sizes first (DiskSpaceError with the numbers). Interrupted? Call again: finished files
+    are skipped and partial weight files continue where they stopped. Progress (bytes/s, ETA) goes to stderr.
+    """
+    return download_repo(repo_id, revision, include, exclude, local_dir, progress).path
+
+
+def _looks_like_repo_id(s: str) -> bool:
+    if s.startswith((".", "/", "~")) or s.count("/") > 1:
+        return False
+    try:
+        validate_repo_id(s)
+    except HFValidationError:
+        return False
+    return True
+
+
+def resolve_model_path(path_or_repo: str | Path) -> Path:
+    """A local model folder: an existing folder as is, else a repo id looked up in the local cache (offline)."""
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        return path
+    name = str(path_or_repo)
+    if path.exists():
+        raise ModelNotFoundError(f"{name} is a file, not a model folder", hint="Pass the folder holding config.json and the *.safetensors files.")
+    if not _looks_like_repo_id(name):
+        raise ModelNotFoundError(f"model folder not found: {name}", hint="Check the path, or pass a Hub repo id (owner/name) fetched with `glm-mlx download REPO`.")
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except IncompleteSnapshotError as e:  # fetched with --include: the loader says what is missing, if anything
+        return Path(e.snapshot_path)
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
+        raise ModelNotFoundError(
+            f"{name} is not a local folder and not in the Hugging Face cache ({constants.HF_HUB_CACHE})",
+            hint=f"Download it first: glm-mlx download {name}",
+        ) from e

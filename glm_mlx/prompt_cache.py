@@ -1,0 +1,110 @@
+"""Prompt cache: what the model has already computed for a conversation, reusable across turns
+and savable to disk.
+
+A multi-turn chat re-sends the whole conversation each turn; only the tokens past the common
+prefix with the cached tokens are prefilled. When the prompt diverges, every cache (latent KV,
+indexer keys, MTP layer) is trimmed back to the common prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+
+from .cache import DSACache
+from .errors import GlmMlxError
+
+
+class PromptCacheError(GlmMlxError):
+    hint = "The prompt cache file does not match this model; delete it or start a new conversation."
+
+
+@dataclass
+class PromptCache:
+    cache: list[DSACache]
+    mtp_cache: DSACache | None = None
+    tokens: list[int] = field(default_factory=list)
+    last_hidden: mx.array | None = None  # [1, 1, hidden]: h at the last cached position
+
+    @classmethod
+    def fresh(cls, model, mtp: bool) -> "PromptCache":
+        caches = model.make_cache(mtp=mtp and model.has_mtp)
+        mtp_cache = caches.pop() if mtp and model.has_mtp else None
+        return cls(cache=caches, mtp_cache=mtp_cache)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.all_caches())
+
+    def all_caches(self) -> list[DSACache]:
+        return self.cache + ([self.mtp_cache] if self.mtp_cache is not None else [])
+
+    def arrays(self) -> list[mx.array]:
+        return [a for c in self.all_caches() for a in c.state]
+
+    def reuse(self, prompt: list[int], model=None) -> int:
+        """Trim to the longest reusable prefix of `prompt`; return how many tokens are reused.
+
+        At least one prompt token is always left to process (its logits start generation).
+        With MTP, slot i needs h_i: if we cut inside the old tokens, h at the cut is gone, so we
+        cut one token earlier, where the MTP slot is still valid and the main model recomputes h.
+        """
+        n_old = len(self.tokens)
+        p = 0
+        limit = min(n_old, len(prompt))
+        while p < limit and self.tokens[p] == prompt[p]:
+            p += 1
+        r = min(p, len(prompt) - 1)
+        if self.mtp_cache is not None and r < n_old:
+            r = max(min(r, p - 1), 0)
+        for c in self.cache:
+            c.trim(c.offset - r)
+        if self.mtp_cache is not None:
+            if r < n_old:
+                self.mtp_cache.trim(self.mtp_cache.offset - r)
+                self.last_hidden = None
+            # else: every old slot stays valid and last_hidden pairs with prompt[n_old]
+        del self.tokens[r:]
+        if r == 0:
+            self.last_hidden = None
+        return r
+
+    # --- disk ---------------------------------------------------------------------------
+    def save(self, path: str | Path):
+        """Write atomically (temp file + rename) as safetensors with the tokens in the metadata."""
+        path = Path(path)
+        arrays = {}
+        for i, c in enumerate(self.all_caches()):
+            for j, a in enumerate(c.state):
+                arrays[f"{i}.{j}"] = a
+        if self.last_hidden is not None:
+            arrays["last_hidden"] = self.last_hidden
+        meta = {"tokens": json.dumps(self.tokens), "layers": str(len(self.cache)),
+                "mtp": str(int(self.mtp_cache is not None)),
+                "indexer": json.dumps([c.has_indexer for c in self.all_caches()])}
+        tmp = path.with_name(path.name + ".tmp.safetensors")
+        mx.save_safetensors(str(tmp), arrays, metadata=meta)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path, model, mtp: bool) -> "PromptCache":
+        try:
+            arrays, meta = mx.load(str(path), return_metadata=True)
+        except Exception as e:  # noqa: BLE001 - mx.load raises bare errors on bad files
+            raise PromptCacheError(f"cannot read prompt cache {path}: {str(e).splitlines()[0]}") from None
+        pc = cls.fresh(model, mtp=mtp)
+        if int(meta.get("layers", -1)) != len(pc.cache):
+            raise PromptCacheError(f"prompt cache {path} has {meta.get('layers')} layers, the model {len(pc.cache)}")
+        pc.tokens = json.loads(meta["tokens"])
+        if pc.mtp_cache is not None and meta.get("mtp") != "1":
+            pc.mtp_cache = None  # saved without MTP: continue without it would desync; drop MTP here
+        for i, c in enumerate(pc.all_caches()):
+            state = [arrays[f"{i}.{j}"] for j in range(3 if c.has_indexer else 2) if f"{i}.{j}" in arrays]
+            if state:
+                c.state = state
+        pc.last_hidden = arrays.get("last_hidden")
+        return pc

@@ -1,0 +1,92 @@
+"""Sampling as distributions, so speculative decoding can use the exact acceptance rule.
+
+mlx-lm's samplers return a token; speculative sampling needs the (filtered, tempered)
+probabilities of both the draft and the target. So the filters are mlx-lm's own
+(`apply_top_p`, `apply_min_p`, `apply_top_k` on log-probabilities, `make_logits_processors`
+for the repetition penalty), composed here into `logprobs()`; sampling draws from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
+
+
+@dataclass
+class SamplingParams:
+    temp: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    min_p: float = 0.0
+    top_k: int = 0
+    repetition_penalty: float | None = None
+    repetition_context_size: int = 20
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temp == 0
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.processors = make_logits_processors(repetition_penalty=params.repetition_penalty,
+                                                 repetition_context_size=params.repetition_context_size)
+        if params.seed is not None:
+            mx.random.seed(params.seed)
+
+    def process(self, history: mx.array, logits: mx.array) -> mx.array:
+        """Apply logits processors (history: [n] int tokens so far; logits [1, V])."""
+        for proc in self.processors:
+            logits = proc(history, logits)
+        return logits
+
+    def logprobs(self, logits: mx.array) -> mx.array:
+        """[..., V] logits -> log-probabilities of the distribution actually sampled from."""
+        p = self.params
+        logprobs = logits.astype(mx.float32) / p.temp
+        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+        if 0 < p.top_p < 1.0:
+            logprobs = apply_top_p(logprobs, p.top_p)
+        if p.min_p:
+            logprobs = apply_min_p(logprobs, p.min_p)
+        if p.top_k > 0:
+            logprobs = apply_top_k(logprobs, p.top_k)
+        return logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+
+    def sample(self, logits: mx.array) -> mx.array:
+        """[..., V] -> [...] token ids."""
+        if self.params.greedy:
+            return mx.argmax(logits, axis=-1)
+        return mx.random.categorical(self.logprobs(logits))
+
+
+def speculative_accept(sampler: Sampler, target_logits: mx.array, draft_logits: mx.array, drafts: list[int]):
+    """Standard speculative-sampling acceptance (Leviathan et al. / Chen et al.).
+
+    target_logits [k+1, V] (processed), draft_logits [k, V] (processed), drafts: k tokens.
+    Returns (number accepted a, next token): the next token is the target's correction at the
+    first rejection (sampled from max(0, p - q) renormalised) or a bonus token from p[k].
+    The output distribution equals sampling from the target alone. Greedy: exact-match rule.
+    """
+    if sampler.params.greedy:
+        targets = mx.argmax(target_logits, axis=-1).tolist()
+        a = 0
+        while a < len(drafts) and targets[a] == drafts[a]:
+            a += 1
+        return a, targets[a]
+    p = mx.exp(sampler.logprobs(target_logits))  # [k+1, V]
+    q = mx.exp(sampler.logprobs(draft_logits))  # [k, V]
+    idx = mx.array(drafts)[:, None]
+    ratio = (mx.take_along_axis(p[:-1], idx, axis=-1) / mx.take_along_axis(q, idx, axis=-1))[:, 0]
+    u = mx.random.uniform(shape=ratio.shape)
+    accept = (u < ratio).tolist()
+    a = 0
+    while a < len(drafts) and accept[a]:
+        a += 1
+    if a == len(drafts):
+        return a, mx.random.categorical(mx.log(p[a])).item()
+    residual = mx.maximum(p[a] - q[a], 0.0)
+    return a, mx.random.categorical(mx.log(residual / residual.sum())).item()

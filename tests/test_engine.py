@@ -1,0 +1,165 @@
+"""Generation engine: MTP speculative decoding, prompt-cache reuse, sampling, text streaming."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from reference import add_mtp_layer, make_reference, write_tokenizer
+
+from glm_mlx import load, load_model
+from glm_mlx.engine import Engine, StepStats
+from glm_mlx.generate import generate, stream_generate
+from glm_mlx.prompt_cache import PromptCache
+from glm_mlx.sampling import Sampler, SamplingParams, speculative_accept
+
+PROMPT = [int(t) for t in np.random.RandomState(0).randint(11, 80, size=20)]  # > index_topk (8)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mtp")
+    ref = make_reference(path, seed=5)
+    add_mtp_layer(path, ref, seed=6)
+    write_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return load_model(ckpt, dtype=mx.float32)
+
+
+def plain(model, prompt, n):
+    return list(Engine(model, mtp=False).generate(prompt, max_tokens=n))
+
+
+def oracle_drafter(model, monkeypatch, truth: list[int], hit=lambda s: s % 10 >= 3):
+    """Make the MTP layer's drafts right ~70% of the time, so acceptance and rejection both occur.
+
+    The real MTP layer still runs (its cache is exercised); only its logits are replaced: the slot
+    at position s predicts position s+2, correctly when hit(s).
+    """
+    real = model.mtp_logits
+
+    def fake(hidden, next_tokens, cache=None):
+        start = cache.offset if cache is not None else 0
+        logits, h = real(hidden, next_tokens, cache)
+        L, V = logits.shape[1], logits.shape[2]
+        want = [truth[s + 2] if s + 2 < len(truth) and hit(s) else (truth[min(s + 2, len(truth) - 1)] + 1) % V
+                for s in range(start, start + L)]
+        return mx.eye(V)[mx.array(want)][None] * 10.0, h
+
+    monkeypatch.setattr(model, "mtp_logits", fake)
+
+
+@pytest.mark.parametrize("num_draft", [1, 3])
+def test_mtp_greedy_equals_plain(model, monkeypatch, num_draft):
+    expected = plain(model, PROMPT, 200)
+    oracle_drafter(model, monkeypatch, PROMPT + expected)
+    stats = StepStats()
+    got = list(Engine(model, mtp=True, num_draft=num_draft).generate(PROMPT, max_tokens=200, stats=stats))
+    assert got == expected
+    assert 0 < stats.accepted < stats.drafted  # both paths taken
+    assert stats.main_passes < 200 and stats.tokens_per_pass > 1.2
+
+
+def test_mtp_with_real_layer_is_exact(model):
+    """Without the oracle (random MTP weights: mostly rejected) the output is still exact."""
+    stats = StepStats()
+    got = list(Engine(model, mtp=True, num_draft=2).generate(PROMPT, max_tokens=60, stats=stats))
+    assert got == plain(model, PROMPT, 60) and stats.drafted > 0
+
+
+def test_prompt_cache_reuse_multi_turn(model):
+    engine = Engine(model, mtp=True)
+    pc = engine.new_cache()
+    turn1 = list(engine.generate(PROMPT, pc, max_tokens=12))
+    # Turn 2 re-sends the conversation plus new tokens: only the new ones are prefilled.
+    prompt2 = PROMPT + turn1 + [5, 6, 7]
+    stats = StepStats()
+    turn2 = list(engine.generate(prompt2, pc, max_tokens=12, stats=stats))
+    assert stats.reused_tokens >= len(PROMPT) + len(turn1) - 1
+    assert stats.prompt_tokens == len(prompt2) - stats.reused_tokens
+    assert turn2 == plain(model, prompt2, 12)
+    # A diverging prompt trims every cache back to the common prefix.
+    prompt3 = PROMPT[:15] + [9, 9, 9]
+    stats = StepStats()
+    turn3 = list(engine.generate(prompt3, pc, max_tokens=12, stats=stats))
+    assert stats.reused_tokens in (14, 15)
+    assert turn3 == plain(model, prompt3, 12)
+    assert pc.mtp_cache.offset == len(pc.tokens) - 1
+    assert all(c.offset == len(pc.tokens) for c in pc.cache)
+
+
+def test_prompt_cache_save_load(model, tmp_path):
+    engine = Engine(model, mtp=True)
+    pc = engine.new_cache()
+    list(engine.generate(PROMPT, pc, max_tokens=8))
+    pc.save(tmp_path / "conv.safetensors")
+    loaded = PromptCache.load(tmp_path / "conv.safetensors", model, mtp=True)
+    assert loaded.tokens == pc.tokens and loaded.nbytes == pc.nbytes
+    nxt = pc.tokens + [4, 5]
+    stats = StepStats()
+    assert list(engine.generate(nxt, loaded, max_tokens=8, stats=stats)) == plain(model, nxt, 8)
+    assert stats.reused_tokens == len(pc.tokens)
+
+
+def test_chunked_prefill_matches(model):
+    long = PROMPT * 3
+    chunked = list(Engine(model, mtp=False, prefill_step=7).generate(long, max_tokens=10))
+    assert chunked == plain(model, long, 10)
+
+
+def _empirical(fn, trials, V):
+    counts = np.zeros(V)
+    for _ in range(trials):
+        counts[fn()] += 1
+    return counts / trials
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_speculative_sampling_preserves_distribution(k):
+    """Tokens emitted through draft-then-verify follow the target distribution (V = 5)."""
+    mx.random.seed(0)
+    V = 5
+    sampler = Sampler(SamplingParams(temp=1.0))
+    target = mx.array(np.random.RandomState(1).randn(k + 1, V) * 1.5, dtype=mx.float32)
+    draft = mx.array(np.random.RandomState(2).randn(k, V) * 1.5, dtype=mx.float32)
+    p = np.array(mx.softmax(target, axis=-1))
+
+    def first_token():
+        drafts = sampler.sample(draft).tolist()
+        a, nxt = speculative_accept(sampler, target, draft, drafts)
+        return drafts[0] if a >= 1 else nxt
+
+    emp = _empirical(first_token, 6000, V)
+    assert 0.5 * np.abs(emp - p[0]).sum() < 0.03  # total variation distance
+    q0 = np.array(mx.softmax(draft, axis=-1))[0]
+    assert 0.5 * np.abs(q0 - p[0]).sum() > 0.15  # the draft alone is measurably different
+
+
+def test_stream_generate_text_stops_and_stats(ckpt):
+    model, tokenizer = load(ckpt, dtype=mx.float32)
+    messages = [{"role": "user", "content": "hello"}]
+    responses = list(stream_generate(model, tokenizer, messages, max_tokens=20))
+    assert responses[-1].finish_reason in ("length", "stop")
+    assert all(r.finish_reason is None for r in responses[:-1])
+    text = "".join(r.text for r in responses)
+    assert text == generate(model, tokenizer, messages, max_tokens=20)
+    last = responses[-1]
+    assert last.prompt_tokens > 0 and last.generation_tokens == len(responses) and last.peak_memory > 0
+    # A stop string cuts the text before it.
+    if len(text) > 4:
+        stop = text[2:4]
+        cut = generate(model, tokenizer, messages, max_tokens=20, stop=[stop])
+        assert cut == text[: text.find(stop)]
+    # Eos ids from the config end generation.
+    forced = list(stream_generate(model, tokenizer, messages, max_tokens=20, temp=1.0, seed=3))
+    assert forced[-1].finish_reason in ("length", "stop")
+
+
+def test_sampling_is_seeded(model):
+    a = list(Engine(model, SamplingParams(temp=0.8, top_p=0.9, seed=7), mtp=True).generate(PROMPT, max_tokens=15))
+    b = list(Engine(model, SamplingParams(temp=0.8, top_p=0.9, seed=7), mtp=True).generate(PROMPT, max_tokens=15))
+    assert a == b
