@@ -38,7 +38,8 @@ class StepStats:
 
     @property
     def tokens_per_pass(self) -> float:
-        return self.generated / self.main_passes if self.main_passes else 0.0
+        # The first token comes from the prefill pass; count tokens per decode pass after it.
+        return (self.generated - 1) / self.main_passes if self.main_passes else 0.0
 
 
 class Engine:

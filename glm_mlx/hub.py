@@ -92,7 +92,8 @@ def hub_errors(repo_id: str, revision: str | None = None):
     except GatedRepoError as e:  # before RepositoryNotFoundError: it is a subclass
         raise HubError(
             f"{repo_id} is a gated repository and this account has no access to it",
-            hint=f"Accept its terms on {constants.ENDPOINT}/{repo_id}, then log in (`hf auth login` or set HF_TOKEN) and re-run.",
+            hint=f"Accept its terms on {constants.ENDPOINT}/{repo_id}, then log in (`hf auth login` or set HF_TOKEN)"
+            " and re-run.",
         ) from e
     except RepositoryNotFoundError as e:
         raise HubError(
@@ -100,12 +101,13 @@ def hub_errors(repo_id: str, revision: str | None = None):
             hint="Check the repo id (owner/name). For a private repo, log in with `hf auth login` or set HF_TOKEN.",
         ) from e
     except RevisionNotFoundError as e:
-        raise HubError(f"revision '{rev}' not found in {repo_id}", hint="Pass a branch, tag or commit that exists (default: main).") from e
+        raise HubError(f"revision '{rev}' not found in {repo_id}",
+                       hint="Pass a branch, tag or commit that exists (default: main).") from e
     except RemoteEntryNotFoundError as e:
         raise HubError(f"a file listed in {repo_id}@{rev} is missing on the Hub ({e.response.url})",
                        hint="The repo may have changed while downloading; re-run to fetch its current state.") from e
     except HFValidationError as e:
-        raise HubError(f"not a valid repo id: {repo_id!r}", hint="Use the form owner/name, e.g. zai-org/GLM-5.1.") from e
+        raise HubError(f"not a valid repo id: {repo_id!r}", hint="Use the form owner/name: zai-org/GLM-5.1.") from e
     except (OfflineModeIsEnabled, LocalEntryNotFoundError, httpx2.ConnectError, httpx2.TimeoutException) as e:
         raise HubError(
             f"cannot reach the Hub at {constants.ENDPOINT}",
@@ -114,8 +116,11 @@ def hub_errors(repo_id: str, revision: str | None = None):
     except httpx2.TransportError as e:  # connection dropped mid-transfer after huggingface_hub's own retries
         raise HubError(f"download interrupted: {e}") from e
     except HfHubHTTPError as e:
-        status = e.response.status_code if e.response is not None else "?"
-        raise HubError(f"the Hub answered HTTP {status} for {repo_id}" + (f" ({e.server_message})" if e.server_message else "")) from e
+        status = e.response.status_code if e.response is not None else 0
+        detail = f" ({e.server_message})" if e.server_message else ""
+        auth = status in (401, 403)
+        hint = "Check your token (`hf auth login` or HF_TOKEN) and its access to this repo." if auth else None
+        raise HubError(f"the Hub answered HTTP {status} for {repo_id}{detail}", hint=hint) from e
     except OSError as e:
         if "Consistency check failed" in str(e):  # a transfer ended with the wrong size
             raise HubError(f"download of {repo_id} ended early or with the wrong size") from e
@@ -126,15 +131,17 @@ def _listing(repo_id: str, revision: str | None, include, exclude) -> tuple[str,
     """(commit sha, selected files) from one model_info call, filtered like snapshot_download filters."""
     with hub_errors(repo_id, revision):
         info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
-    entries = {
-        s.rfilename: _Entry(s.rfilename, s.lfs.size if s.lfs else (s.size or 0), s.lfs.sha256 if s.lfs else (s.blob_id or ""), s.lfs is not None)
-        for s in info.siblings or []
-    }
-    keep = set(filter_repo_objects(entries, allow_patterns=list(include or []) or None, ignore_patterns=list(exclude or []) or None))
+    entries = {}
+    for s in info.siblings or []:
+        size, etag = (s.lfs.size, s.lfs.sha256) if s.lfs else (s.size or 0, s.blob_id or "")
+        entries[s.rfilename] = _Entry(s.rfilename, size, etag, s.lfs is not None)
+    include, exclude = list(include or []), list(exclude or [])
+    keep = set(filter_repo_objects(entries, allow_patterns=include or None, ignore_patterns=exclude or None))
     if not keep:
-        what = " ".join([*(f"--include {p}" for p in include or []), *(f"--exclude {p}" for p in exclude or [])])
-        raise HubError(f"no files in {repo_id}@{revision or 'main'} match {what or 'the request'}",
-                       hint=f"See the file list at {constants.ENDPOINT}/{repo_id}/tree/{revision or 'main'} and adjust the patterns.")
+        rev = revision or "main"
+        what = " ".join([*(f"--include {p}" for p in include), *(f"--exclude {p}" for p in exclude)])
+        raise HubError(f"no files in {repo_id}@{rev} match {what or 'the request'}",
+                       hint=f"See the file list at {constants.ENDPOINT}/{repo_id}/tree/{rev} and adjust the patterns.")
     return info.sha, [e for p, e in entries.items() if p in keep]
 
 
@@ -167,7 +174,8 @@ def check_disk(files: Iterable[Sequence], target_dir: str | Path, done: int | No
         raise DiskSpaceError(
             f"not enough disk space in {target_dir}: need {fmt_bytes(needed)} more, only {fmt_bytes(free)} free "
             f"({fmt_bytes(total)} in total, {fmt_bytes(done)} already downloaded)",
-            hint=f"Free at least {fmt_bytes(needed - free)}, or download to another disk with --dir DIR (or set HF_HUB_CACHE).",
+            hint=f"Free at least {fmt_bytes(needed - free)}, or download to another disk with --dir DIR"
+            " (or set HF_HUB_CACHE).",
         )
     return needed
 
@@ -240,9 +248,10 @@ class _Layout:
     def done_bytes(self, e: _Entry) -> int:
         """Bytes of `e` already on disk: all of it when finished, the partial file's size otherwise."""
         if self.local_dir:
-            finished = _size(self.local_dir / e.path) == e.size and (self.local_dir / e.path).is_file()
+            finished = (self.local_dir / e.path).is_file() and _size(self.local_dir / e.path) == e.size
         else:
-            finished = (self.storage / "snapshots" / self.commit / e.path).exists() or (self.storage / "blobs" / e.etag).exists()
+            snapshot, blob = self.storage / "snapshots" / self.commit / e.path, self.storage / "blobs" / e.etag
+            finished = snapshot.exists() or blob.exists()
         if finished:
             return e.size
         return min(_size(self.partial(e.etag)), e.size) if e.lfs else 0
@@ -255,12 +264,12 @@ def _fetch_weight(repo_id: str, e: _Entry, layout: _Layout, bars: "_Bars", cance
     meta = get_hf_file_metadata(url, headers=headers)  # HEAD: the etag (blob name), size, and CDN location
     etag, size = meta.etag or e.etag, meta.size if meta.size is not None else e.size
     final, partial = layout.final(e, etag), layout.partial(etag)
-    if final.exists():
+    if final.is_file() and _size(final) == size:
         return
     partial.parent.mkdir(parents=True, exist_ok=True)
     layout.lock(etag).parent.mkdir(parents=True, exist_ok=True)
     with WeakFileLock(str(layout.lock(etag))):  # another glm-mlx/hf process on the same blob waits here
-        if final.exists():
+        if final.is_file() and _size(final) == size:
             return
         have = _size(partial)
         if have > size:  # not a prefix of this file: start over
@@ -288,51 +297,44 @@ class _Bars:
     """Rich progress on stderr: a total bar (bytes, speed, ETA) and one line per file in flight."""
 
     def __init__(self, enabled: bool, total: int, done: int, label: str):
-        self.progress = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                                       TransferSpeedColumn)
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import TransferSpeedColumn
 
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                                     TransferSpeedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                     console=Console(stderr=True), transient=False)
-            self.total, self.size = self.progress.add_task(label, total=total, completed=done), total
+        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   TextColumn("ETA"), TimeRemainingColumn())
+        self.progress = Progress(*columns, console=Console(stderr=True), disable=not enabled)
+        self.total, self.size = self.progress.add_task(label, total=total, completed=done), total
 
     def __enter__(self):
-        if self.progress:
-            self.progress.start()
+        self.progress.start()
         return self
 
     def __exit__(self, *exc):
-        if self.progress:
-            self.progress.stop()
+        self.progress.stop()
 
     def log(self, message: str) -> None:
-        if self.progress:
-            self.progress.console.print(message, highlight=False)
+        if not self.progress.disable:
+            self.progress.console.print(message, highlight=False, soft_wrap=True)
 
     def start(self, name: str, size: int, have: int):
-        if self.progress:
-            return self.progress.add_task(f"  {name}", total=size, completed=have)
+        return self.progress.add_task(f"  {name}", total=size, completed=have)
 
     def advance(self, task, n: int) -> None:
-        if self.progress:
-            self.progress.advance(task, n)
-            self.progress.advance(self.total, n)
+        self.progress.advance(task, n)
+        self.progress.advance(self.total, n)
 
     def finish(self, task) -> None:
-        if self.progress and task is not None:
-            self.progress.remove_task(task)
+        self.progress.remove_task(task)
 
     def complete(self) -> None:
-        if self.progress:
-            self.progress.update(self.total, completed=self.size)
+        self.progress.update(self.total, completed=self.size)
 
 
 def download_repo(repo_id: str, revision: str | None = None, include=None, exclude=None,
-                  local_dir: str | Path | None = None, progress: bool = True, max_workers: int = 8) -> DownloadResult:
-    """Download `repo_id` (filtered by include/exclude globs); see `download`. Returns path, file count, bytes."""
+                  local_dir: str | Path | None = None, progress: bool = True,
+                  max_workers: int = 8) -> DownloadResult:
+    """`download`, also returning how many files and bytes the selection holds (for `--json`)."""
     include, exclude = list(include or []) or None, list(exclude or []) or None
     commit, entries = _listing(repo_id, revision, include, exclude)
     layout = _Layout(repo_id, commit, Path(local_dir).expanduser().absolute() if local_dir else None)
@@ -358,8 +360,8 @@ def download_repo(repo_id: str, revision: str | None = None, include=None, exclu
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
         # Weights are in place: huggingface_hub links them into the snapshot and fetches the small files.
-        path = snapshot_download(repo_id, revision=revision, local_dir=layout.local_dir, allow_patterns=include or None,
-                                 ignore_patterns=exclude or None, max_workers=max_workers, tqdm_class=_Quiet)
+        path = snapshot_download(repo_id, revision=revision, local_dir=layout.local_dir, allow_patterns=include,
+                                 ignore_patterns=exclude, max_workers=max_workers, tqdm_class=_Quiet)
         bars.complete()
     return DownloadResult(Path(path), len(entries), total)
 
@@ -392,9 +394,11 @@ def resolve_model_path(path_or_repo: str | Path) -> Path:
         return path
     name = str(path_or_repo)
     if path.exists():
-        raise ModelNotFoundError(f"{name} is a file, not a model folder", hint="Pass the folder holding config.json and the *.safetensors files.")
+        raise ModelNotFoundError(f"{name} is a file, not a model folder",
+                                 hint="Pass the folder holding config.json and the *.safetensors files.")
     if not _looks_like_repo_id(name):
-        raise ModelNotFoundError(f"model folder not found: {name}", hint="Check the path, or pass a Hub repo id (owner/name) fetched with `glm-mlx download REPO`.")
+        raise ModelNotFoundError(f"model folder not found: {name}", hint="Check the path, or pass a Hub repo id"
+                                 " (owner/name) fetched with `glm-mlx download REPO`.")
     try:
         return Path(snapshot_download(name, local_files_only=True))
     except IncompleteSnapshotError as e:  # fetched with --include: the loader says what is missing, if anything

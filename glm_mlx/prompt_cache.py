@@ -29,6 +29,7 @@ class PromptCache:
     mtp_cache: DSACache | None = None
     tokens: list[int] = field(default_factory=list)
     last_hidden: mx.array | None = None  # [1, 1, hidden]: h at the last cached position
+    extra: dict = field(default_factory=dict)  # caller's data saved alongside (e.g. chat messages)
 
     @classmethod
     def fresh(cls, model, mtp: bool) -> "PromptCache":
@@ -74,8 +75,8 @@ class PromptCache:
         return r
 
     # --- disk ---------------------------------------------------------------------------
-    def save(self, path: str | Path):
-        """Write atomically (temp file + rename) as safetensors with the tokens in the metadata."""
+    def save(self, path: str | Path, extra: dict | None = None):
+        """Write atomically (temp file + rename) as safetensors with the tokens (and `extra`, JSON) in the metadata."""
         path = Path(path)
         arrays = {}
         for i, c in enumerate(self.all_caches()):
@@ -85,7 +86,7 @@ class PromptCache:
             arrays["last_hidden"] = self.last_hidden
         meta = {"tokens": json.dumps(self.tokens), "layers": str(len(self.cache)),
                 "mtp": str(int(self.mtp_cache is not None)),
-                "indexer": json.dumps([c.has_indexer for c in self.all_caches()])}
+                "indexer": json.dumps([c.has_indexer for c in self.all_caches()]), "extra": json.dumps(extra or {})}
         tmp = path.with_name(path.name + ".tmp.safetensors")
         mx.save_safetensors(str(tmp), arrays, metadata=meta)
         os.replace(tmp, path)
@@ -107,4 +108,5 @@ class PromptCache:
             if state:
                 c.state = state
         pc.last_hidden = arrays.get("last_hidden")
+        pc.extra = json.loads(meta.get("extra", "{}"))
         return pc

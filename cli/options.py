@@ -1,0 +1,60 @@
+"""Option types shared by the commands (huggingface_hub CLI style), and model resolution."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+from typing_extensions import Annotated
+
+from glm_mlx.errors import GlmMlxError
+
+ModelArg = Annotated[Optional[str], typer.Argument(
+    help="Checkpoint folder or downloaded repo id. [default: the built-in reference model]", show_default=False)]
+MaxTokens = Annotated[int, typer.Option("--max-tokens", "-m", help="Most tokens to generate.")]
+Temp = Annotated[float, typer.Option("--temp", help="Sampling temperature; 0 = greedy.")]
+TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold.")]
+MinP = Annotated[float, typer.Option("--min-p", help="Minimum probability relative to the top token.")]
+TopK = Annotated[int, typer.Option("--top-k", help="Sample among the k most likely tokens (0 = all).")]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed for reproducible sampling.")]
+NoMtp = Annotated[bool, typer.Option("--no-mtp", help="Decode without the MTP draft layer.")]
+NumDraft = Annotated[int, typer.Option("--num-draft", help="Tokens drafted by the MTP layer per step.")]
+Stop = Annotated[Optional[List[str]], typer.Option("--stop", help="Stop string (repeatable).")]
+Json = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+
+
+class NoModelError(GlmMlxError):
+    hint = "Pass a checkpoint folder, e.g. glm-mlx chat ./GLM-5.1-mlx-4bit (glm-mlx download / convert make one)."
+
+
+def resolve_model(model: str | None) -> str:
+    """The model argument, or the built-in reference model when none is given."""
+    if model:
+        return model
+    try:
+        from glm_mlx.reference_model import DEFAULT_MODEL
+    except ImportError:
+        DEFAULT_MODEL = None
+    if DEFAULT_MODEL is None or not __import__("pathlib").Path(DEFAULT_MODEL).exists():
+        raise NoModelError("no MODEL given and the built-in reference model is not installed")
+    return str(DEFAULT_MODEL)
+
+
+def load_for_generation(model: str | None, context: int = 8192, mtp: bool = True):
+    """(model, tokenizer, path): resolve, check memory before loading, load, wire memory."""
+    from rich.console import Console
+
+    from glm_mlx import load
+    from glm_mlx.config import ModelArgs
+    from glm_mlx.loading import read_config, resolve_path
+    from glm_mlx.memory import check_memory, set_wired_limit
+
+    path = resolve_path(resolve_model(model))
+    check = check_memory(path, ModelArgs.from_dict(read_config(path)), context, mtp=mtp)
+    if not check.fits:
+        Console(stderr=True).print(f"[yellow]Warning:[/] {check.message}", soft_wrap=True)
+    m, tok = load(path, mtp=mtp)
+    if mtp and not m.has_mtp:
+        Console(stderr=True).print("[dim]MTP off: this checkpoint has no MTP layer.[/]")
+    set_wired_limit(check)
+    return m, tok, path

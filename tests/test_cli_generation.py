@@ -1,0 +1,195 @@
+"""`generate`, `bench`, `chat` (in a real terminal via tmux) and `serve` (real HTTP clients)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import mlx.core as mx
+import pytest
+from reference import add_mtp_layer, make_reference, write_tokenizer
+from typer.testing import CliRunner
+
+from glm_mlx import load
+from glm_mlx.chat import _ThinkSplitter
+from glm_mlx.cli.app import app
+from glm_mlx.server import Server
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli")
+    ref = make_reference(path, seed=5)
+    add_mtp_layer(path, ref, seed=6)
+    write_tokenizer(path)
+    return path
+
+
+def test_generate_text_and_json(ckpt):
+    r = runner.invoke(app, ["generate", str(ckpt), "--prompt", "hello", "-m", "12"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["generate", str(ckpt), "--prompt", "hello", "-m", "12", "--json"])
+    out = json.loads(r.stdout)
+    assert out["generation_tokens"] <= 12 and out["finish_reason"] in ("stop", "length") and "text" in out
+    r = runner.invoke(app, ["generate", str(ckpt), "-m", "5", "--json", "--no-mtp"], input="from stdin")
+    assert json.loads(r.stdout)["tokens_per_pass"] in (0.0, 1.0)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["generate", "/nonexistent/model", "-p", "hi"], "no checkpoint folder"),
+    (["bench", "/nonexistent/model"], "no checkpoint folder"),
+])
+def test_errors_are_one_line(args, needle):
+    r = runner.invoke(app, args)
+    assert r.exit_code == 1 and needle in r.output and "Traceback" not in r.output and "Hint:" in r.output
+
+
+def test_wrong_model_type(ckpt, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+    r = runner.invoke(app, ["generate", str(bad), "-p", "hi"])
+    assert r.exit_code == 1 and "model_type is 'llama'" in r.output
+
+
+def test_bench_json(ckpt):
+    r = runner.invoke(app, ["bench", str(ckpt), "-p", "32", "-g", "16", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["gen_tokens"] == 16 and out["prompt_tps"] > 0 and out["mtp"] is True
+
+
+def test_think_splitter():
+    s = _ThinkSplitter()
+    pieces = [p for chunk in ["<thi", "nk>plan", "ning</th", "ink>\nThe answer"] for p in s.push(chunk)]
+    pieces += s.push("", final=True)
+    kinds = {}
+    for p in pieces:
+        kinds[p.kind] = kinds.get(p.kind, "") + p.text
+    assert kinds == {"reasoning": "planning", "answer": "The answer"}
+
+
+def test_chat_piped(ckpt, tmp_path):
+    save = tmp_path / "conv.safetensors"
+    r = runner.invoke(app, ["chat", str(ckpt), "-m", "8"], input=f"hi\n/stats\nagain\n/save {save}\n/exit\n")
+    assert r.exit_code == 0, r.output
+    assert "tok/s" in r.output and "saved to" in r.output and save.exists()
+    r = runner.invoke(app, ["chat", str(ckpt), "-m", "8"], input=f"/load {save}\n/bogus\n/help\n")
+    assert "loaded" in r.output and "4 messages" in r.output and "unknown command" in r.output and "/think" in r.output
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed (.ci/run installs it)")
+def test_chat_in_tmux(ckpt):
+    """A real terminal: two turns, a slash command, Ctrl-C during an answer, then exit."""
+    session = f"glmchat{int(time.time() * 1000) % 100000}"
+    cmd = f"{sys.executable} -m glm_mlx.cli.app chat {ckpt} -m 400"
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "200", "-y", "50", cmd], check=True)
+
+    def screen():
+        return subprocess.run(["tmux", "capture-pane", "-p", "-t", session, "-S", "-200"],
+                              capture_output=True, text=True).stdout
+
+    def wait_for(text, timeout=60, count=1):
+        end = time.time() + timeout
+        while time.time() < end:
+            if screen().count(text) >= count:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"{text!r} not on screen:\n{screen()}")
+
+    def keys(*k):
+        subprocess.run(["tmux", "send-keys", "-t", session, *k], check=True)
+
+    try:
+        wait_for("/help for commands")
+        keys("hello", "Enter")
+        wait_for("tok/s", count=1)
+        keys("/stats", "Enter")
+        wait_for("MB for", timeout=10)
+        keys("second turn", "Enter")
+        time.sleep(0.3)
+        keys("C-c")  # stop the answer if it is still streaming
+        wait_for("tok/s", count=2)
+        keys("/think", "Enter")
+        wait_for("thinking on")
+        keys("/exit", "Enter")
+        end = time.time() + 20
+        while time.time() < end and subprocess.run(["tmux", "has-session", "-t", session],
+                                                    capture_output=True).returncode == 0:
+            time.sleep(0.2)
+        assert subprocess.run(["tmux", "has-session", "-t", session], capture_output=True).returncode != 0
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def server(ckpt):
+    model, tokenizer = load(ckpt, dtype=mx.float32)
+    httpd = Server(model, tokenizer, model_id="tiny").serve("127.0.0.1", 0)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def post(url, body, raw=None):
+    req = urllib.request.Request(url, data=raw if raw is not None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_serve_models_and_completion(server):
+    with urllib.request.urlopen(server + "/v1/models", timeout=10) as r:
+        assert json.loads(r.read())["data"][0]["id"] == "tiny"
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+    status, text = post(server + "/v1/chat/completions", body)
+    out = json.loads(text)
+    assert status == 200 and out["object"] == "chat.completion"
+    assert out["usage"]["completion_tokens"] <= 10 and out["usage"]["prompt_tokens"] > 0
+    # Same request streamed: the concatenated deltas equal the whole answer (greedy).
+    status, text = post(server + "/v1/chat/completions", {**body, "stream": True, "stream_options": {"include_usage": True}})
+    events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert streamed == out["choices"][0]["message"]["content"]
+    assert chunks[-1]["usage"]["completion_tokens"] == out["usage"]["completion_tokens"]
+
+
+@pytest.mark.parametrize("body,raw,param", [
+    ({"messages": []}, None, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": 9}, None, "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": 5}, None, "stop"),
+    (None, b"{not json", None),
+])
+def test_serve_bad_requests(server, body, raw, param):
+    status, text = post(server + "/v1/chat/completions", body, raw)
+    assert status == 400
+    err = json.loads(text)["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == param and err["message"]
+    status, _ = post(server + "/v1/nope", {})
+    assert status == 404
+
+
+def test_serve_with_openai_client(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server + "/v1", api_key="none")
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=5, stream=True)
+    assert sum(1 for _ in stream) >= 2
