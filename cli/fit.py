@@ -1,0 +1,189 @@
+"""`glm-mlx fit`: will the model fit this Mac, at what context, how fast - from a config alone."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from glm_mlx.config import ModelArgs
+from glm_mlx.errors import ConfigError, GlmMlxError
+from glm_mlx.quantize.allocate import allocate
+from glm_mlx.quantize.formats import make_format
+from glm_mlx.quantize.macs import GiB, MacError, custom_mac, get_mac, mac_names, parse_size
+from glm_mlx.quantize.planner import Plan, best_recipe_for, glm51_args, pipeline_size, plan, plan_pipeline
+from glm_mlx.quantize.recipe import Recipe, default_recipe, recipe_from_quantization
+
+_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def load_model_args(model: str | None) -> tuple[ModelArgs, str]:
+    """The config of a local folder, a config.json, or a Hugging Face repo (config.json only)."""
+    if model is None:
+        return glm51_args(), "GLM-5.1"
+    path = Path(model).expanduser()
+    if path.exists():
+        return ModelArgs.from_file(path), path.name if path.is_dir() else str(path)
+    if not _REPO_RE.match(model):
+        raise ConfigError(f"no model folder or config file at {model}",
+                          "Pass a checkpoint folder, a config.json, or a Hugging Face repo id like zai-org/GLM-5.1.")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return ModelArgs.from_file(hf_hub_download(model, "config.json")), model
+    except GlmMlxError:
+        raise
+    except Exception as e:  # noqa: BLE001 - hub/network errors of every kind become one message
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"could not fetch config.json of {model!r} from the Hugging Face Hub: {first}",
+                          "Check the repo id and your network (set HF_TOKEN for gated repos), or pass a local folder.") from None
+
+
+def _choose_recipe(args, mac, context, mtp, recipe_file, bits, mode, group_size, target_size, solve) -> Recipe:
+    given = [n for n, v in (("--recipe", recipe_file), ("--bits/--mode/--group-size", bits or mode or group_size),
+                            ("--target-size", target_size), ("--solve", solve)) if v]
+    if len(given) > 1:
+        raise GlmMlxError(f"{' and '.join(given)} each choose the recipe", "Pass only one of them.")
+    if recipe_file:
+        return Recipe.load(recipe_file)
+    if bits or mode or group_size:
+        return Recipe.uniform(make_format(mode or "affine", bits, group_size))
+    if target_size:
+        return allocate(args, parse_size(target_size), mtp, name=f"budget {target_size}")
+    if solve:
+        return best_recipe_for(args, mac, context, mtp)
+    if args.quantization:  # an already-converted checkpoint: price what it holds
+        return recipe_from_quantization(args.quantization)
+    return default_recipe()
+
+
+def fit(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hugging Face repo id, local folder or config.json [default: embedded GLM-5.1]."),
+    mac: str = typer.Option("m3-ultra-512", "--mac", help="Mac, e.g. m3-ultra-512, m4-max-128, m3-max-96-30c; 'list' shows all."),
+    memory: Optional[str] = typer.Option(None, "--memory", help="Custom Mac: unified memory as Apple labels it, e.g. 192GB."),
+    bandwidth: Optional[float] = typer.Option(None, "--bandwidth", help="Custom Mac: memory bandwidth in GB/s, e.g. 800."),
+    context: Optional[int] = typer.Option(None, "--context", "-c", help="Context in tokens [default: max_position_embeddings]."),
+    recipe_file: Optional[Path] = typer.Option(None, "--recipe", help="Recipe JSON (see --solve --out)."),
+    bits: Optional[int] = typer.Option(None, "--bits", help="Uniform recipe: bits (affine 2,3,4,5,6,8)."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="Uniform recipe: affine, mxfp4, nvfp4 or mxfp8."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="Uniform recipe: group size (affine 32, 64, 128)."),
+    target_size: Optional[str] = typer.Option(None, "--target-size", help="Mixed recipe priced at most this size, e.g. 361GB."),
+    no_mtp: bool = typer.Option(False, "--no-mtp", help="Leave out the multi-token-prediction layer."),
+    solve: bool = typer.Option(False, "--solve", help="Find the best recipe for this Mac at this context."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the recipe used (e.g. the solved one) to this JSON file."),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", help="Also split over several Macs, e.g. m3-ultra-256,m3-ultra-256."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the report."),
+):
+    """Does the model fit this Mac, at what context, and how fast? Priced from config.json alone."""
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 100)  # pipes: wide enough for the table
+    if mac.strip().lower() == "list":
+        _print_macs(console)
+        return
+    if memory is not None or bandwidth is not None:
+        if memory is None or bandwidth is None:
+            raise MacError("a custom Mac needs both --memory and --bandwidth", "e.g. --memory 192GB --bandwidth 800")
+        the_mac = custom_mac(parse_size(memory, binary_gb=True) / GiB, bandwidth)
+    else:
+        the_mac = get_mac(mac)
+    args, label = load_model_args(model)
+    mtp = not no_mtp
+    n_ctx = args.max_position_embeddings if context is None else context
+    recipe = _choose_recipe(args, the_mac, n_ctx, mtp, recipe_file, bits, mode, group_size, target_size, solve)
+    p = plan(args, recipe, the_mac, n_ctx, mtp=mtp, model=label)
+    pipe = plan_pipeline(args, recipe, [get_mac(m) for m in pipeline.split(",") if m.strip()], n_ctx, mtp) if pipeline else None
+    # When one Mac cannot hold it: how many of this Mac a pipeline needs (0: more than 8).
+    needed = pipeline_size(args, the_mac, n_ctx, mtp, recipe) if p.fits == "no" and not pipe else None
+    if out:
+        recipe.save(out)
+    if as_json:
+        d = p.to_dict()
+        if pipe:
+            d["pipeline"] = _pipeline_dict(pipe)
+        if needed is not None:
+            d["pipeline_macs_needed"] = needed
+        typer.echo(json.dumps(d))
+        return
+    _print_plan(console, p, needed)
+    if pipe:
+        _print_pipeline(console, pipe)
+    if out:
+        console.print(f"Recipe written to {out}")
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:,.1f} GB"
+
+
+def _print_plan(c: Console, p: Plan, pipeline_macs: int | None = None) -> None:
+    c.print(f"[bold]{p.model or 'model'}[/] on [bold]{p.mac.label}[/] at {p.context:,} tokens"
+            f"{'' if p.mtp else ', no MTP'}")
+    c.print(f"Recipe: {p.recipe.name or p.recipe.default.name} ({p.params / 1e9:,.1f}B parameters, "
+            f"{8 * p.weights_bytes / p.params:.2f} bits/weight)")
+    t = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    t.add_column("Memory", no_wrap=True)
+    t.add_column("", justify="right", no_wrap=True)
+    for comp, b in sorted(p.weights_by_component.items(), key=lambda kv: -kv[1]):
+        t.add_row(f"  weights: {comp}", gb(b))
+    t.add_row("[bold]Weights[/]", f"[bold]{gb(p.weights_bytes)}[/]")
+    t.add_row(f"KV cache ({p.kv_bytes_per_token:,} B/token x {p.context:,})", gb(p.kv_bytes))
+    t.add_row(f"Working set (prefill chunk {min(p.prefill_chunk, p.context):,})", gb(p.working_set_bytes))
+    t.add_row("[bold]Total to wire[/]", f"[bold]{gb(p.total_bytes)}[/]")
+    t.add_row("GPU wired limit (macOS default)", gb(p.wired_limit_bytes))
+    t.add_row(f"Raised limit (RAM - {p.os_allowance_bytes / GiB:.0f} GiB for macOS + apps)", gb(p.max_wired_limit_bytes))
+    c.print(t)
+    if p.fits == "yes":
+        c.print("[bold green]Fits[/] within the default GPU wired limit.")
+    elif p.fits == "raise-wired-limit":
+        c.print(f"[bold yellow]Fits after raising the GPU wired limit:[/] {p.sysctl}")
+    else:
+        c.print(f"[bold red]Does not fit[/] ({gb(p.total_bytes - p.max_wired_limit_bytes)} over). "
+                "Try --solve, a smaller --context, or --pipeline.")
+        if pipeline_macs:
+            c.print(f"A pipeline over {pipeline_macs} x {p.mac.name} holds it: "
+                    f"--pipeline {','.join([p.mac.name] * pipeline_macs)}")
+    c.print(f"Max context: {p.max_context:,} tokens (default limit: {p.max_context_default_limit:,})")
+    c.print(f"Est. decode{' if it fit' if p.fits == 'no' else ''}: {p.decode_tok_s:.1f} tok/s at {p.context:,} "
+            f"tokens ({p.decode_tok_s_1k:.1f} at 1K); prefill: {p.prefill_tok_s:.0f} tok/s over {p.context:,} "
+            f"({p.prefill_tok_s_1k:.0f} at 1K)")
+    for rule in p.unused_rules:
+        c.print(f"[yellow]Recipe rule {json.dumps(rule)} matches no weight of this model.[/]")
+    if p.kept_unquantized:
+        first = next(iter(p.kept_unquantized.items()))
+        c.print(f"[dim]{len(p.kept_unquantized)} weights stay unquantized, e.g. {first[0]}: {first[1]}[/]")
+    c.print("[dim]Assumptions:[/]")
+    for a in p.assumptions:
+        c.print(f"[dim]  - {a}[/]")
+
+
+def _pipeline_dict(pp) -> dict:
+    return {"fits": pp.fits, "link_bytes_per_token": pp.link_bytes_per_token, "decode_tok_s": pp.decode_tok_s,
+            "stages": [{"mac": s.mac.name, "layers": list(s.layers), "weights_bytes": s.weights_bytes,
+                        "kv_bytes": s.kv_bytes, "working_set_bytes": s.working_set_bytes,
+                        "total_bytes": s.total_bytes, "fits": s.fits} for s in pp.stages]}
+
+
+def _print_pipeline(c: Console, pp) -> None:
+    t = Table(title=f"Pipeline over {len(pp.stages)} Macs", header_style="bold", box=None)
+    for col in ("rank", "Mac", "layers", "weights", "KV", "total", "fits"):
+        t.add_column(col, justify="right" if col in ("weights", "KV", "total") else "left", no_wrap=True)
+    for i, s in enumerate(pp.stages):
+        t.add_row(str(i), s.mac.name, f"{s.layers[0]}-{s.layers[1]}", gb(s.weights_bytes), gb(s.kv_bytes), gb(s.total_bytes), s.fits)
+    c.print(t)
+    c.print(f"Link traffic: {pp.link_bytes_per_token:,} bytes per token; est. decode {pp.decode_tok_s:.1f} tok/s")
+
+
+def _print_macs(c: Console) -> None:
+    t = Table(header_style="bold", box=None)
+    for col in ("name", "memory", "bandwidth", "GPU", "default wired limit"):
+        t.add_column(col, no_wrap=True)
+    for name in mac_names():
+        m = get_mac(name)
+        t.add_row(name, f"{m.memory_gb:g} GB", f"{m.bandwidth_gbs:g} GB/s", f"{m.gpu_cores}-core",
+                  f"{m.default_wired_limit / GiB:.1f} GiB")
+    c.print(t)

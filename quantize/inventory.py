@@ -1,0 +1,149 @@
+"""Every tensor of a GLM-5.x config as the MLX model holds it (mlx-lm naming).
+
+Differences from the Hugging Face checkpoint (see the reference README's table):
+  - routed experts are stacked: mlp.switch_mlp.{gate,up,down}_proj.weight [E, out, in];
+  - kv_b_proj is split per head into embed_q [H, kv_lora, nope] and unembed_out
+    [H, v_head, kv_lora] (same parameter count), both quantizable (groups along the last dim).
+Quantizable entries carry the module path that mlx-lm's `config["quantization"]` keys on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from glm_mlx.config import ModelArgs
+
+EMBED, ATTN, INDEXER, DENSE, ROUTED, SHARED, ROUTER, NORMS, MTP = (
+    "embeddings/head", "attention", "indexer", "dense MLP", "routed experts",
+    "shared experts", "router", "norms", "MTP")
+COMPONENTS = (EMBED, ATTN, INDEXER, DENSE, ROUTED, SHARED, ROUTER, NORMS, MTP)
+
+# Model dtype names in config.json -> bytes per element of unquantized tensors.
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    shape: tuple[int, ...]
+    component: str  # what it is (the MTP layer's experts are ROUTED here)
+    layer: int | None = None  # decoder layer, None for embeddings / final norm / head
+    mtp: bool = False  # part of the multi-token-prediction layer
+    quantizable: bool = False  # a Linear / Embedding / MultiLinear / SwitchLinear weight
+    dtype_bytes: int = 2  # when stored unquantized
+
+    @property
+    def module(self) -> str:
+        """Module path (the name without .weight/.bias): mlx-lm's quantization key."""
+        return self.name.rsplit(".", 1)[0]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def group(self) -> str:
+        """Report bucket: the MTP layer is its own line."""
+        return MTP if self.mtp else self.component
+
+
+def model_dtype_bytes(args: ModelArgs) -> int:
+    dtype = args.extra.get("dtype") or args.extra.get("torch_dtype") or "bfloat16"
+    return DTYPE_BYTES.get(str(dtype), 2)
+
+
+def has_mtp(args: ModelArgs) -> bool:
+    return bool(args.num_nextn_predict_layers)
+
+
+def layer_is_moe(args: ModelArgs, layer: int) -> bool:
+    if layer >= args.num_hidden_layers:  # the MTP layer carries a MoE block when the model has experts
+        return bool(args.n_routed_experts)
+    return args.mlp_layer_types[layer] == "sparse"
+
+
+def inventory(args: ModelArgs, mtp: bool = True) -> list[Tensor]:
+    """All tensors; the MTP layer (index num_hidden_layers) only when `mtp` and the config has one."""
+    db = model_dtype_bytes(args)
+    out: list[Tensor] = []
+
+    def add(name, shape, component, layer=None, quantizable=False, dtype_bytes=db):
+        is_mtp = layer is not None and layer >= args.num_hidden_layers
+        out.append(Tensor(name, tuple(int(s) for s in shape), component, layer, is_mtp, quantizable, dtype_bytes))
+
+    h, H = args.hidden_size, args.num_attention_heads
+    add("model.embed_tokens.weight", (args.vocab_size, h), EMBED, quantizable=True)
+    n_layers = args.num_hidden_layers + (1 if mtp and has_mtp(args) else 0)
+    for l in range(n_layers):
+        p = f"model.layers.{l}"
+        if l >= args.num_hidden_layers:  # NextN extras ahead of the decoder block
+            add(f"{p}.enorm.weight", (h,), NORMS, l)
+            add(f"{p}.hnorm.weight", (h,), NORMS, l)
+            add(f"{p}.eh_proj.weight", (h, 2 * h), MTP, l, quantizable=True)
+            add(f"{p}.shared_head.norm.weight", (h,), NORMS, l)
+        add(f"{p}.input_layernorm.weight", (h,), NORMS, l)
+        add(f"{p}.post_attention_layernorm.weight", (h,), NORMS, l)
+        _attention(add, args, p + ".self_attn", l)
+        _mlp(add, args, p + ".mlp", l)
+    add("model.norm.weight", (h,), NORMS)
+    add("lm_head.weight", (args.vocab_size, h), EMBED, quantizable=True)
+    return out
+
+
+def _attention(add, args: ModelArgs, p: str, l: int):
+    h, H, q, kv, rope = args.hidden_size, args.num_attention_heads, args.q_lora_rank, args.kv_lora_rank, args.qk_rope_head_dim
+    bias = args.attention_bias
+    add(f"{p}.q_a_proj.weight", (q, h), ATTN, l, True)
+    if bias:
+        add(f"{p}.q_a_proj.bias", (q,), ATTN, l)
+    add(f"{p}.q_a_layernorm.weight", (q,), NORMS, l)
+    add(f"{p}.q_b_proj.weight", (H * args.qk_head_dim, q), ATTN, l, True)
+    add(f"{p}.kv_a_proj_with_mqa.weight", (kv + rope, h), ATTN, l, True)
+    if bias:
+        add(f"{p}.kv_a_proj_with_mqa.bias", (kv + rope,), ATTN, l)
+    add(f"{p}.kv_a_layernorm.weight", (kv,), NORMS, l)
+    add(f"{p}.embed_q.weight", (H, kv, args.qk_nope_head_dim), ATTN, l, True)
+    add(f"{p}.unembed_out.weight", (H, args.v_head_dim, kv), ATTN, l, True)
+    add(f"{p}.o_proj.weight", (h, H * args.v_head_dim), ATTN, l, True)
+    if bias:
+        add(f"{p}.o_proj.bias", (h,), ATTN, l)
+    if args.has_indexer(l):
+        i, d = f"{p}.indexer", args.index_head_dim
+        add(f"{i}.wq_b.weight", (args.index_n_heads * d, q), INDEXER, l, True)
+        add(f"{i}.wk.weight", (d, h), INDEXER, l, True)
+        add(f"{i}.k_norm.weight", (d,), INDEXER, l)  # LayerNorm: never quantized
+        add(f"{i}.k_norm.bias", (d,), INDEXER, l)
+        add(f"{i}.weights_proj.weight", (args.index_n_heads, h), INDEXER, l, True)
+
+
+def _mlp(add, args: ModelArgs, p: str, l: int):
+    h = args.hidden_size
+    if not layer_is_moe(args, l):
+        i = args.intermediate_size
+        add(f"{p}.gate_proj.weight", (i, h), DENSE, l, True)
+        add(f"{p}.up_proj.weight", (i, h), DENSE, l, True)
+        add(f"{p}.down_proj.weight", (h, i), DENSE, l, True)
+        return
+    E, m = args.n_routed_experts, args.moe_intermediate_size
+    add(f"{p}.gate.weight", (E, h), ROUTER, l)  # router: kept in the model dtype
+    add(f"{p}.gate.e_score_correction_bias", (E,), ROUTER, l, dtype_bytes=4)  # always float32
+    add(f"{p}.switch_mlp.gate_proj.weight", (E, m, h), ROUTED, l, True)
+    add(f"{p}.switch_mlp.up_proj.weight", (E, m, h), ROUTED, l, True)
+    add(f"{p}.switch_mlp.down_proj.weight", (E, h, m), ROUTED, l, True)
+    if args.n_shared_experts:
+        s = m * args.n_shared_experts
+        add(f"{p}.shared_experts.gate_proj.weight", (s, h), SHARED, l, True)
+        add(f"{p}.shared_experts.up_proj.weight", (s, h), SHARED, l, True)
+        add(f"{p}.shared_experts.down_proj.weight", (h, s), SHARED, l, True)
+
+
+def param_count(tensors) -> int:
+    return sum(t.numel for t in tensors)
+
+
+def params_by_group(tensors) -> dict[str, int]:
+    out = {c: 0 for c in COMPONENTS}
+    for t in tensors:
+        out[t.group] += t.numel
+    return {k: v for k, v in out.items() if v}
