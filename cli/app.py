@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import typer
 
-from .errors import run_with_errors
+from .errors import HandledGroup, run_with_errors
 
 app = typer.Typer(
     name="glm-mlx",
+    cls=HandledGroup,  # one error handler for every command, also under CliRunner
     help="Run GLM-5.1 (glm_moe_dsa) locally on Apple Silicon with MLX.",
     no_args_is_help=True,
     add_completion=False,
@@ -29,6 +30,28 @@ def version():
     from importlib.metadata import version as v
 
     typer.echo(f"glm-mlx {v('glm-mlx')}  mlx {v('mlx')}  mlx-lm {v('mlx-lm')}")
+
+
+from . import download as _download  # noqa: E402
+
+app.command(name="download")(_download.download)
+
+
+from . import fit as _fit  # noqa: E402
+
+app.command(name="fit")(_fit.fit)
+
+from . import bench as _bench  # noqa: E402
+from . import chat as _chat  # noqa: E402
+from . import generate as _generate  # noqa: E402
+from . import launch as _launch  # noqa: E402
+from . import serve as _serve  # noqa: E402
+
+app.command(name="chat")(_chat.chat)
+app.command(name="generate")(_generate.generate)
+app.command(name="serve")(_serve.serve)
+app.command(name="bench")(_bench.bench)
+app.command(name="launch", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(_launch.launch)
 
 
 def main():

@@ -40,8 +40,26 @@ def resolve_model(model: str | None) -> str:
     return str(DEFAULT_MODEL)
 
 
+def distributed_group():
+    """The mx.distributed group when started by mlx.launch with more than one rank, else None."""
+    import os
+
+    if "MLX_RANK" not in os.environ:
+        return None
+    import mlx.core as mx
+
+    group = mx.distributed.init()
+    return group if group.size() > 1 else None
+
+
 def load_for_generation(model: str | None, context: int = 8192, mtp: bool = True):
-    """(model, tokenizer, path): resolve, check memory before loading, load, wire memory."""
+    """(model, tokenizer, path): resolve, check memory before loading, load, wire memory.
+
+    Under `glm-mlx launch` each rank loads only its layers; ranks other than 0 then follow rank 0's
+    requests silently and exit when it does, so only rank 0 talks to the user.
+    """
+    import atexit
+
     from rich.console import Console
 
     from glm_mlx import load
@@ -50,6 +68,18 @@ def load_for_generation(model: str | None, context: int = 8192, mtp: bool = True
     from glm_mlx.memory import check_memory, set_wired_limit
 
     path = resolve_path(resolve_model(model))
+    group = distributed_group()
+    if group is not None:
+        from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+        from glm_mlx.distributed import follow, pipeline_load
+
+        pm, path = pipeline_load(path, group, mtp=mtp)
+        if group.rank() != 0:
+            follow(pm)
+            raise typer.Exit(0)
+        atexit.register(pm.close)
+        return pm, load_tokenizer(path, eos_token_ids=pm.args.eos_token_ids or None), path
     check = check_memory(path, ModelArgs.from_dict(read_config(path)), context, mtp=mtp)
     if not check.fits:
         Console(stderr=True).print(f"[yellow]Warning:[/] {check.message}", soft_wrap=True)

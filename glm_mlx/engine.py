@@ -94,6 +94,8 @@ class Engine:
         stats = stats if stats is not None else StepStats()
         if not prompt:
             raise ValueError("empty prompt")
+        if hasattr(self.model, "on_generate"):  # pipeline leader: followers replay this call
+            self.model.on_generate(prompt, pc, max_tokens, self)
         logits = self.prefill(pc, prompt, stats)
         history = mx.array(prompt)
         y = self.sampler.sample(self.sampler.process(history, logits[None]))[0].item()

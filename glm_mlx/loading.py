@@ -47,24 +47,25 @@ def read_config(path: Path) -> dict:
         raise ConfigError(f"{cfg} is not valid JSON ({e})") from None
 
 
-def weight_files(path: Path) -> list[Path]:
-    """The safetensors shards, checked against the index when there is one (partial downloads)."""
+def weight_files(path: Path, keep=None) -> tuple[list[Path], set[str] | None]:
+    """The safetensors shards (only those holding kept keys when `keep` is given) and, when
+    there is an index, every tensor name it lists. Missing shards are named (partial downloads)."""
     index = path / INDEX_FILE
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
             raise CheckpointError(f"{index} is unreadable ({e})") from None
-        files = sorted(set(weight_map.values()))
+        files = sorted({f for k, f in weight_map.items() if keep is None or keep(k)})
         missing = [f for f in files if not (path / f).exists()]
         if missing:
             raise CheckpointError(f"missing shard {missing[0]} ({len(missing)} of {len(files)} shards missing) in {path}",
                                   "The download is incomplete: re-run glm-mlx download to finish it.")
-        return [path / f for f in files]
+        return [path / f for f in files], set(weight_map)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"no *.safetensors weights in {path}", "Download the weights, or pass the right folder.")
-    return files
+    return files, None
 
 
 def read_weights(files: list[Path]) -> dict:
@@ -115,15 +116,24 @@ def _target_dtype(config: dict, dtype):
     return {"float32": mx.float32, "float16": mx.float16}.get(name, mx.bfloat16)
 
 
-def load_model(path, *, lazy: bool = False, dtype=None, mtp: bool = True) -> Model:
-    """Load the model (no tokenizer). `dtype` defaults to the checkpoint's; `mtp=False` skips the MTP layer."""
+def load_model(path, *, lazy: bool = False, dtype=None, mtp: bool = True, keep=None, prune=None) -> Model:
+    """Load the model (no tokenizer). `dtype` defaults to the checkpoint's; `mtp=False` skips the MTP layer.
+
+    `keep` (a predicate on tensor names) and `prune` (a function removing the modules this process
+    does not hold) let a pipeline rank read only its own layers' shards (glm_mlx.distributed).
+    """
     path = resolve_path(path)
     config = read_config(path)
     args = ModelArgs.from_dict(config)
-    weights = read_weights(weight_files(path))
+    files, names = weight_files(path, keep)
+    weights = read_weights(files)  # lazy: only headers are read here
+    names = names if names is not None else set(weights)
     mtp_prefix = f"model.layers.{args.num_hidden_layers}."
-    has_mtp = mtp and any(k.startswith(mtp_prefix) for k in weights)
-    model = Model(args, mtp=has_mtp)
+    has_mtp = mtp and any(k.startswith(mtp_prefix) for k in names)
+    model = Model(args, mtp=has_mtp)  # parameters are lazy: unused layers are never materialised
+    if keep is not None:
+        weights = {k: v for k, v in weights.items() if keep(k)}
+        prune(model)
     weights = model.sanitize(weights)
     if args.quantization:
         _quantize_for_checkpoint(model, args.quantization, weights)

@@ -17,6 +17,7 @@ from importlib.resources import files
 
 from glm_mlx.config import ModelArgs
 from glm_mlx.errors import GlmMlxError
+from glm_mlx.pipeline_split import split_layers
 
 from .allocate import LADDER, BudgetError, allocate, error_of
 from .inventory import ROUTED, inventory, model_dtype_bytes
@@ -366,24 +367,18 @@ def plan_pipeline(args: ModelArgs, recipe: Recipe, macs: list[Mac], context: int
     mtp_kv = args.cache_bytes_per_token(cache_dtype_bytes, mtp) * context - sum(layer_kv)
     ws_all = working_set(args, context, mtp, prefill_chunk)
     ws_mid = sum(v for k, v in ws_all.items() if k not in ("logits", "MTP extras"))  # only the last rank has them
-    fixed = [(side_w[0] if i == 0 else 0) + (side_w[1] + mtp_kv + sum(ws_all.values()) if i == n - 1 else ws_mid)
+    # With MTP the last rank also keeps a copy of the embedding (the MTP layer embeds draft tokens).
+    embed_copy = side_w[0] if mtp and n > 1 else 0
+    fixed = [(side_w[0] if i == 0 else 0) + (side_w[1] + embed_copy + mtp_kv + sum(ws_all.values()) if i == n - 1 else ws_mid)
              for i in range(n)]
     caps = [max(m.max_wired_limit - f, 1) for m, f in zip(macs, fixed)]  # room left for decoder layers
     sizes = [layer_w[l] + layer_kv[l] for l in range(L)]
-    bounds, cum, start = [], 0, 0
-    for i in range(n - 1):  # cut where the running total passes this Mac's share of the layers
-        target = sum(sizes) * sum(caps[: i + 1]) / sum(caps)
-        end = start
-        while end < L - (n - 1 - i) and (end == start or cum + sizes[end] / 2 <= target):
-            cum += sizes[end]
-            end += 1
-        bounds.append((start, end - 1))
-        start = end
-    bounds.append((start, L - 1))
+    # The same split the runtime uses (glm_mlx.distributed): cuts only before full-indexer layers.
+    bounds = [(a, b - 1) for a, b in split_layers(args, n, sizes, caps)]
     stages = []
     for i, (mac, (a, b)) in enumerate(zip(macs, bounds)):
         first, last = i == 0, i == n - 1
-        wb = sum(layer_w[a:b + 1]) + (side_w[0] if first else 0) + (side_w[1] if last else 0)
+        wb = sum(layer_w[a:b + 1]) + (side_w[0] if first else 0) + (side_w[1] + embed_copy if last else 0)
         kv = sum(layer_kv[a:b + 1]) + (mtp_kv if last else 0)
         ws = sum(ws_all.values()) if last else ws_mid
         tot = wb + kv + ws

@@ -141,6 +141,8 @@ def add_mtp_layer(path: Path, model: GlmMoeDsaForCausalLM, seed: int = 1) -> dic
     full = {f"model.layers.{n}.{k}": v.contiguous() for k, v in tensors.items()}
     save_file(full, str(path / "model-mtp.safetensors"), metadata={"format": "pt"})
     _add_to_index(path, full, "model-mtp.safetensors")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}, indent=2))
     return {"layer": layer, "config": big, **tensors}
 
 

@@ -1,0 +1,299 @@
+"""A loopback fake of the Hugging Face Hub, for download tests without internet.
+
+It serves the endpoints huggingface_hub 2.x calls (checked against its source):
+- GET  /api/models/{repo}[/revision/{rev}]  model_info / repo_info (`?blobs=true` adds sizes, blob ids, LFS info)
+- GET  /api/models/{repo}/tree/{rev}[/{path}]  list_repo_tree (snapshot_download lists files with it)
+- HEAD /{repo}/resolve/{rev}/{path}  get_hf_file_metadata: ETag, X-Repo-Commit, Content-Length, X-Linked-*
+- GET  /{repo}/resolve/{rev}/{path}  http_get, with `Range: bytes=N-` answered by 206 (how downloads resume)
+
+Errors carry the X-Error-Code header huggingface_hub maps to its exception classes.
+`cut(path, after)` drops the connection after that many body bytes of that file, then answers 503 for that
+file (`down`), like a CDN node that failed mid-transfer, until `cut_clear()`; other files are served, so
+which bytes reach the disk does not depend on thread timing. `stall=True` instead
+holds the transfer there until `cut_clear()` (time for a test to press Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import socket
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
+
+LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".npz")
+
+
+@dataclass
+class FakeFile:
+    data: bytes
+    lfs: bool
+    blob_id: str = ""  # git blob sha1, the ETag of a regular file
+    sha256: str = ""  # the ETag of an LFS file
+
+    def __post_init__(self):
+        self.blob_id = hashlib.sha1(b"blob %d\0" % len(self.data) + self.data).hexdigest()
+        self.sha256 = hashlib.sha256(self.data).hexdigest()
+
+    @property
+    def etag(self) -> str:
+        return self.sha256 if self.lfs else self.blob_id
+
+
+@dataclass
+class FakeRepo:
+    files: dict[str, FakeFile]
+    commit: str
+    gated: bool = False
+
+
+@dataclass
+class Request:
+    method: str
+    path: str  # decoded path without query
+    range: str | None
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.open_sockets: set[socket.socket] = set()
+
+    def process_request_thread(self, request, client_address):
+        self.open_sockets.add(request)
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.open_sockets.discard(request)
+
+    def handle_error(self, request, client_address):
+        pass  # clients dropping keep-alive connections is normal; a traceback here would land in test output
+
+
+class HubServer:
+    """Threaded HTTP server on 127.0.0.1 (a free port) serving fake model repos."""
+
+    def __init__(self):
+        self.repos: dict[str, FakeRepo] = {}
+        self.requests: list[Request] = []
+        self.sent: dict[str, int] = {}  # repo file path -> body bytes sent (GET)
+        self.cut_path: str | None = None
+        self.cut_after: int = 0
+        self.stall = False
+        self.stalled = threading.Event()  # set while a stalled transfer waits
+        self._release = threading.Event()
+        self.down: set[str] = set()  # file paths answering 503
+        self._lock = threading.Lock()
+        self._httpd = _QuietServer(("127.0.0.1", 0), _handler_for(self))
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> HubServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread.is_alive():  # idempotent: a test may stop it early to simulate an unreachable hub
+            self._httpd.shutdown()
+            self._thread.join()
+        self._httpd.server_close()
+        self._release.set()
+        for sock in list(self._httpd.open_sockets):  # keep-alive connections too: the hub is gone
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def add_repo(self, repo_id: str, files: dict[str, bytes] | str | Path, *, gated: bool = False) -> FakeRepo:
+        """Publish a repo from {path: bytes} or a folder; weights (.safetensors, ...) are stored as LFS."""
+        if not isinstance(files, dict):
+            root = Path(files)
+            files = {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+        fake = {path: FakeFile(data, lfs=path.endswith(LFS_SUFFIXES)) for path, data in files.items()}
+        commit = hashlib.sha1(repo_id.encode() + b"".join(f.sha256.encode() for f in fake.values())).hexdigest()
+        self.repos[repo_id] = FakeRepo(fake, commit, gated)
+        return self.repos[repo_id]
+
+    def cut(self, path: str, after: int, stall: bool = False) -> None:
+        """Interrupt the next GET of `path` after `after` body bytes: drop it (then 503), or stall it."""
+        self.cut_path, self.cut_after, self.stall = path, after, stall
+        self._release.clear()
+
+    def cut_clear(self) -> None:
+        self.cut_path = None
+        self.down.clear()
+        self._release.set()
+
+    def gets(self, path: str) -> list[Request]:
+        return [r for r in self.requests if r.method == "GET" and r.path.endswith("/" + path)]
+
+
+def _handler_for(server: HubServer):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as the real hub; every response sets Content-Length
+
+        def log_message(self, *args):  # keep test output quiet
+            pass
+
+        def do_HEAD(self):
+            self._route(head=True)
+
+        def do_GET(self):
+            self._route(head=False)
+
+        # --- routing -------------------------------------------------------------------------------
+        def _route(self, head: bool):
+            url = urlsplit(self.path)
+            path, query = unquote(url.path), parse_qs(url.query)
+            with server._lock:
+                server.requests.append(Request(self.command, path, self.headers.get("Range")))
+            if path.startswith("/api/models/"):
+                return self._api(path[len("/api/models/") :], query)
+            if "/resolve/" in path:
+                repo_id, _, rest = path.lstrip("/").partition("/resolve/")
+                rev, _, file_path = rest.partition("/")
+                return self._resolve(repo_id, rev, file_path, head)
+            self._error(404, None, "not found")
+
+        def _repo(self, repo_id: str, rev: str | None) -> FakeRepo | None:
+            repo = server.repos.get(repo_id)
+            if repo is None:
+                self._error(401, "RepoNotFound", "Repository not found")
+            elif rev not in (None, "main", repo.commit):
+                self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+            else:
+                return repo
+            return None
+
+        def _api(self, rest: str, query: dict):
+            parts = rest.split("/")
+            repo_id, tail = "/".join(parts[:2]), parts[2:]
+            if tail[:1] == ["tree"] and len(tail) >= 2:
+                repo = self._repo(repo_id, tail[1])
+                if repo:
+                    self._json(_tree(repo, "/".join(tail[2:]), query.get("recursive", ["false"])[0].lower() == "true"))
+                return
+            rev = tail[1] if tail[:1] == ["revision"] and len(tail) >= 2 else None
+            if tail and rev is None:
+                return self._error(404, None, "unknown api route")
+            repo = self._repo(repo_id, rev)
+            if repo:
+                self._json(_model_info(repo_id, repo, blobs=query.get("blobs", ["false"])[0].lower() == "true"))
+
+        def _resolve(self, repo_id: str, rev: str, file_path: str, head: bool):
+            repo = self._repo(repo_id, rev)
+            if repo is None:
+                return
+            if repo.gated:
+                return self._error(403, "GatedRepo", "Access to this gated repo is restricted", repo.commit)
+            if file_path in server.down:
+                return self._error(503, None, "service unavailable")
+            f = repo.files.get(file_path)
+            if f is None:
+                return self._error(404, "EntryNotFound", "Entry not found", repo.commit)
+            total = len(f.data)
+            start, status = 0, 200
+            rng = self.headers.get("Range")
+            if rng and not head:
+                start = int(rng.removeprefix("bytes=").split("-")[0])
+                if start >= total:
+                    return self._error(416, None, "range not satisfiable")
+                status = 206
+            self.send_response(status)
+            self.send_header("ETag", f'"{f.etag}"')
+            self.send_header("X-Repo-Commit", repo.commit)
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("Content-Length", str(total - start))
+            if f.lfs:  # the real hub sends these for LFS files (with a redirect to its CDN)
+                self.send_header("X-Linked-Etag", f'"{f.sha256}"')
+                self.send_header("X-Linked-Size", str(total))
+            if status == 206:
+                self.send_header("Content-Range", f"bytes {start}-{total - 1}/{total}")
+            self.end_headers()
+            if head:
+                return
+            body, sent = f.data[start:], 0
+            if server.cut_path == file_path and server.stall:
+                server.cut_path = None
+                self.wfile.write(body[: server.cut_after])
+                self.wfile.flush()
+                sent, body = server.cut_after, body[server.cut_after :]
+                server.stalled.set()
+                server._release.wait(30)
+            elif server.cut_path == file_path:
+                body, server.cut_path = body[: server.cut_after], None
+                server.down.add(file_path)
+                self.close_connection = True  # the client sees the body end early: an interrupted transfer
+            self.wfile.write(body)
+            self.wfile.flush()
+            with server._lock:
+                server.sent[file_path] = server.sent.get(file_path, 0) + sent + len(body)
+
+        # --- responses -----------------------------------------------------------------------------
+        def _json(self, payload):
+            body = json.dumps(payload).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def _error(self, status: int, code: str | None, message: str, commit: str | None = None):
+            body = json.dumps({"error": message}).encode()
+            self.send_response(status)
+            if code:
+                self.send_header("X-Error-Code", code)
+                self.send_header("X-Error-Message", message)
+            if commit:
+                self.send_header("X-Repo-Commit", commit)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+    return Handler
+
+
+def _model_info(repo_id: str, repo: FakeRepo, blobs: bool) -> dict:
+    siblings = []
+    for path, f in repo.files.items():
+        entry = {"rfilename": path}
+        if blobs:
+            entry.update(size=len(f.data), blobId=f.blob_id)
+            if f.lfs:
+                entry["lfs"] = {"size": len(f.data), "sha256": f.sha256, "pointerSize": 134}
+        siblings.append(entry)
+    return {"_id": repo_id, "id": repo_id, "modelId": repo_id, "sha": repo.commit, "private": False,
+            "gated": "manual" if repo.gated else False, "disabled": False, "tags": [], "siblings": siblings}
+
+
+def _tree(repo: FakeRepo, under: str, recursive: bool) -> list[dict]:
+    prefix = under.strip("/") + "/" if under.strip("/") else ""
+    entries, folders = [], set()
+    for path, f in repo.files.items():
+        if not path.startswith(prefix):
+            continue
+        parts = path[len(prefix) :].split("/")
+        # Folders between `under` and the file: all of them when recursive, the first level otherwise.
+        depth = len(parts) - 1 if recursive else min(1, len(parts) - 1)
+        folders.update(prefix + "/".join(parts[: i + 1]) for i in range(depth))
+        if len(parts) > 1 and not recursive:
+            continue
+        entry = {"type": "file", "oid": f.blob_id, "size": len(f.data), "path": path}
+        if f.lfs:
+            entry["lfs"] = {"oid": f.sha256, "size": len(f.data), "pointerSize": 134}
+        entries.append(entry)
+    dirs = [{"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d}
+            for d in sorted(folders)]
+    return dirs + entries
