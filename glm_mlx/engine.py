@@ -3,8 +3,8 @@
 Knows nothing of tokenizers or terminals (generate.py adds text). State lives in a
 `PromptCache`; its invariant between calls:
   * `cache` (main layers) holds exactly `tokens`;
-  * `mtp_cache` holds one slot per position 0..len(tokens)-2, slot i = (h_i, tokens[i+1]);
-  * `last_hidden` is h at the last position, waiting for the token that follows it.
+  * `mtp_cache` holds slot i = (h_i, tokens[i+1]) for positions 0..q-1, q = mtp_cache.offset;
+  * `pending` holds h for positions q..len(tokens)-1, whose slots wait for the next tokens.
 """
 
 from __future__ import annotations
@@ -59,15 +59,16 @@ class Engine:
         """Run the main model on toks (appending to the cache) and feed the MTP layer; return logits [1, L, V]."""
         logits, hidden = self.model(mx.array([toks]), cache=pc.cache, return_hidden=True)
         if pc.mtp_cache is not None:
-            # MTP slot i pairs h_i with token i+1: feed the previous last position and every
-            # new position but the last (whose next token is not known yet).
-            if pc.last_hidden is None:
+            # MTP slot i pairs h_i with token i+1: write the pending positions and every new
+            # position but the last (whose next token is not known yet), which becomes pending.
+            if pc.pending is None:
                 hs, nxt = hidden[:, :-1], toks[1:]
             else:
-                hs, nxt = mx.concatenate([pc.last_hidden, hidden[:, :-1]], axis=1), toks
+                hs = mx.concatenate([pc.pending, hidden[:, :-1]], axis=1)
+                nxt = pc.tokens[pc.mtp_cache.offset + 1 :] + toks
             if nxt:
                 self.model.mtp_logits(hs, mx.array([nxt]), pc.mtp_cache)
-            pc.last_hidden = hidden[:, -1:]
+            pc.pending = hidden[:, -1:]
         pc.tokens.extend(toks)
         return logits
 
@@ -124,17 +125,25 @@ class Engine:
                 nxt = step(tok)
             yield tok
 
-    def _draft(self, pc: PromptCache, y: int) -> tuple[list[int], mx.array]:
-        """k draft tokens from the MTP layer; leaves the drafted slots in mtp_cache (trimmed later)."""
+    def _draft(self, pc: PromptCache, y: int) -> tuple[list[mx.array], mx.array]:
+        """k draft tokens (device arrays: no host sync between steps) from the MTP layer.
+
+        The first step also writes the MTP slots of every pending position (the main model's
+        true hidden states from the last verification), so no separate re-feed pass is needed.
+        Draft slots written by later steps are trimmed after verification.
+        """
         drafts, logits_all = [], []
-        hidden, tok = pc.last_hidden, y
+        hist = mx.array(pc.tokens + [y])
+        hidden = pc.pending
+        toks = mx.array([pc.tokens[pc.mtp_cache.offset + 1 :] + [y]])
         for _ in range(self.num_draft):
-            logits, hidden = self.model.mtp_logits(hidden, mx.array([[tok]]), pc.mtp_cache)
-            hist = mx.array(pc.tokens + [y] + drafts)
-            logits = self.sampler.process(hist, logits[0, -1:])
-            tok = self.sampler.sample(logits)[0].item()
+            logits, hidden = self.model.mtp_logits(hidden, toks, pc.mtp_cache)
+            hidden = hidden[:, -1:]
+            logits = self.sampler.process(mx.concatenate([hist, *drafts]), logits[0, -1:])
+            tok = self.sampler.sample(logits)  # [1]
             drafts.append(tok)
             logits_all.append(logits)
+            toks = tok[None]
         return drafts, mx.concatenate(logits_all, axis=0)
 
     def _decode_mtp(self, pc, y, max_tokens, stats, start):
@@ -142,28 +151,27 @@ class Engine:
         stats.accepted_per_pos = [0] * k
         while stats.generated < max_tokens:
             n = len(pc.tokens)  # y sits at position n, not yet in the cache
-            drafts, draft_logits = self._draft(pc, y)
+            draft_arrays, draft_logits = self._draft(pc, y)
             # Verify y and all drafts in one main-model pass.
-            logits, hidden = self.model(mx.array([[y] + drafts]), cache=pc.cache, return_hidden=True)
+            inputs = mx.concatenate([mx.array([y]), *draft_arrays])
+            logits, hidden = self.model(inputs[None], cache=pc.cache, return_hidden=True)
             stats.main_passes += 1
-            hist = pc.tokens + [y]
-            target = mx.concatenate([self.sampler.process(mx.array(hist + drafts[:j]), logits[0, j : j + 1])
+            hist = mx.array(pc.tokens + [y])
+            target = mx.concatenate([self.sampler.process(mx.concatenate([hist, *draft_arrays[:j]]), logits[0, j : j + 1])
                                      for j in range(k + 1)], axis=0)
+            drafts = inputs[1:].tolist()
             a, nxt = speculative_accept(self.sampler, target, draft_logits, drafts)
             stats.drafted += k
             stats.accepted += a
             for j in range(a):
                 stats.accepted_per_pos[j] += 1
-            # Roll back rejected positions: main cache keeps y + a drafts; the MTP cache drops
-            # every drafted slot and is re-fed with the main model's true hidden states.
+            # Roll back rejected positions: the main cache keeps y + a drafts; the MTP cache drops
+            # the draft-hidden slots; positions n..n+a wait (pending) for the next first draft step.
             for c in pc.cache:
                 c.trim(k - a)
-            pc.mtp_cache.trim(k - 1)  # keep slot n-1 = (h_{n-1}, y); drop the draft-hidden slots
-            if a:  # re-feed the accepted positions with the main model's true hidden states
-                self.model.mtp_logits(hidden[:, :a], mx.array([drafts[:a]]), pc.mtp_cache)
+            pc.mtp_cache.trim(k - 1)
             pc.tokens.extend([y] + drafts[:a])
-            pc.last_hidden = hidden[:, a : a + 1]
-            assert len(pc.tokens) == n + a + 1
+            pc.pending = hidden[:, : a + 1]
             for tok in drafts[:a] + [nxt]:
                 if stats.generated >= max_tokens:
                     return

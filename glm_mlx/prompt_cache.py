@@ -28,7 +28,7 @@ class PromptCache:
     cache: list[DSACache]
     mtp_cache: DSACache | None = None
     tokens: list[int] = field(default_factory=list)
-    last_hidden: mx.array | None = None  # [1, 1, hidden]: h at the last cached position
+    pending: mx.array | None = None  # [1, m, hidden]: h of the last m positions, MTP slots not yet written
     extra: dict = field(default_factory=dict)  # caller's data saved alongside (e.g. chat messages)
 
     @classmethod
@@ -51,8 +51,8 @@ class PromptCache:
         """Trim to the longest reusable prefix of `prompt`; return how many tokens are reused.
 
         At least one prompt token is always left to process (its logits start generation).
-        With MTP, slot i needs h_i: if we cut inside the old tokens, h at the cut is gone, so we
-        cut one token earlier, where the MTP slot is still valid and the main model recomputes h.
+        With MTP, slot i needs h_i: if we cut below the written MTP slots, h at the cut is gone, so
+        we cut one token earlier, where the MTP slot is still valid and the main model recomputes h.
         """
         n_old = len(self.tokens)
         p = 0
@@ -60,18 +60,18 @@ class PromptCache:
         while p < limit and self.tokens[p] == prompt[p]:
             p += 1
         r = min(p, len(prompt) - 1)
-        if self.mtp_cache is not None and r < n_old:
-            r = max(min(r, p - 1), 0)
+        if self.mtp_cache is not None:
+            q = self.mtp_cache.offset  # slots 0..q-1 written; h of positions q..n_old-1 pending
+            if r < q and r == p:
+                r = max(p - 1, 0)  # slot r-1 pairs h_{r-1} with the old token r: must still match
+            if r < q:
+                self.mtp_cache.trim(q - r)
+                self.pending = None
+            else:  # all slots valid; pending positions q..r-1 will pair with the new tokens
+                self.pending = self.pending[:, : r - q] if r > q else None
         for c in self.cache:
             c.trim(c.offset - r)
-        if self.mtp_cache is not None:
-            if r < n_old:
-                self.mtp_cache.trim(self.mtp_cache.offset - r)
-                self.last_hidden = None
-            # else: every old slot stays valid and last_hidden pairs with prompt[n_old]
         del self.tokens[r:]
-        if r == 0:
-            self.last_hidden = None
         return r
 
     # --- disk ---------------------------------------------------------------------------
@@ -82,8 +82,8 @@ class PromptCache:
         for i, c in enumerate(self.all_caches()):
             for j, a in enumerate(c.state):
                 arrays[f"{i}.{j}"] = a
-        if self.last_hidden is not None:
-            arrays["last_hidden"] = self.last_hidden
+        if self.pending is not None:
+            arrays["pending"] = self.pending
         meta = {"tokens": json.dumps(self.tokens), "layers": str(len(self.cache)),
                 "mtp": str(int(self.mtp_cache is not None)),
                 "indexer": json.dumps([c.has_indexer for c in self.all_caches()]), "extra": json.dumps(extra or {})}
@@ -107,6 +107,6 @@ class PromptCache:
             state = [arrays[f"{i}.{j}"] for j in range(3 if c.has_indexer else 2) if f"{i}.{j}" in arrays]
             if state:
                 c.state = state
-        pc.last_hidden = arrays.get("last_hidden")
+        pc.pending = arrays.get("pending")
         pc.extra = json.loads(meta.get("extra", "{}"))
         return pc
