@@ -23,7 +23,7 @@ def download(
     ] = None,
     dir: Annotated[
         Optional[Path],
-        typer.Option("--dir", "-d", file_okay=False, help="Download into this folder instead of the Hugging Face cache."),
+        typer.Option("--dir", "-d", file_okay=False, help="Download into this folder, not the Hugging Face cache."),
     ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help='Print {"path", "files", "bytes"} as JSON instead of the path.')

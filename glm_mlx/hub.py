@@ -14,18 +14,18 @@ import contextlib
 import os
 import shutil
 import threading
+from collections.abc import Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, NamedTuple, Sequence
-from urllib.parse import urlsplit
+from typing import NamedTuple
 
 import httpx2
 from huggingface_hub import HfApi, constants, get_hf_file_metadata, hf_hub_url, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
-    HFValidationError,
     HfHubHTTPError,
+    HFValidationError,
     IncompleteSnapshotError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
@@ -257,11 +257,11 @@ class _Layout:
         return min(_size(self.partial(e.etag)), e.size) if e.lfs else 0
 
 
-def _fetch_weight(repo_id: str, e: _Entry, layout: _Layout, bars: "_Bars", cancel: threading.Event) -> None:
+def _fetch_weight(repo_id: str, e: _Entry, layout: _Layout, bars: _Bars, cancel: threading.Event) -> None:
     """Download one LFS file into its final place, continuing a partial file from an earlier run."""
     url = hf_hub_url(repo_id, e.path, revision=layout.commit)
     headers = build_hf_headers()
-    meta = get_hf_file_metadata(url, headers=headers)  # HEAD: the etag (blob name), size, and CDN location
+    meta = get_hf_file_metadata(url, headers=headers)  # HEAD: the etag (the blob's name) and the size
     etag, size = meta.etag or e.etag, meta.size if meta.size is not None else e.size
     final, partial = layout.final(e, etag), layout.partial(etag)
     if final.is_file() and _size(final) == size:
@@ -275,14 +275,13 @@ def _fetch_weight(repo_id: str, e: _Entry, layout: _Layout, bars: "_Bars", cance
         if have > size:  # not a prefix of this file: start over
             partial.unlink()
             have = 0
-        get_headers = dict(headers)
-        if urlsplit(meta.location).netloc != urlsplit(url).netloc:
-            get_headers.pop("authorization", None)  # never send the token to a CDN
         task = bars.start(e.path, size, have)
         try:
+            # GET the /resolve URL, not the CDN location the HEAD saw: each (re)try then gets a freshly signed
+            # redirect, which matters for hour-long shards; httpx drops the token when the redirect leaves the Hub.
             with open(partial, "ab") as fh:
-                http_get(meta.location, _Tracked(fh, lambda n: bars.advance(task, n), cancel), resume_size=have,
-                         headers=get_headers, expected_size=size, displayed_filename=e.path, tqdm_class=_Quiet)
+                http_get(url, _Tracked(fh, lambda n: bars.advance(task, n), cancel), resume_size=have,
+                         headers=headers, expected_size=size, displayed_filename=e.path, tqdm_class=_Quiet)
         finally:
             bars.finish(task)
         got = _size(partial)
@@ -297,13 +296,12 @@ class _Bars:
     """Rich progress on stderr: a total bar (bytes, speed, ETA) and one line per file in flight."""
 
     def __init__(self, enabled: bool, total: int, done: int, label: str):
+        from rich import progress as rp
         from rich.console import Console
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-        from rich.progress import TransferSpeedColumn
 
-        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                   TextColumn("ETA"), TimeRemainingColumn())
-        self.progress = Progress(*columns, console=Console(stderr=True), disable=not enabled)
+        columns = (rp.TextColumn("{task.description}"), rp.BarColumn(), rp.DownloadColumn(),
+                   rp.TransferSpeedColumn(), rp.TextColumn("ETA"), rp.TimeRemainingColumn())
+        self.progress = rp.Progress(*columns, console=Console(stderr=True), disable=not enabled)
         self.total, self.size = self.progress.add_task(label, total=total, completed=done), total
 
     def __enter__(self):

@@ -54,3 +54,14 @@ def hub(tmp_path, monkeypatch):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def mtp_ckpt(tmp_path_factory):
+    """A tiny GLM-MoE-DSA checkpoint (reference-written) with an MTP layer and a GLM-style tokenizer."""
+    from reference import add_mtp_layer, make_reference, write_tokenizer
+
+    path = tmp_path_factory.mktemp("mtp_ckpt")
+    add_mtp_layer(path, make_reference(path, seed=5), seed=6)
+    write_tokenizer(path)
+    return path

@@ -1,16 +1,18 @@
 """A loopback fake of the Hugging Face Hub, for download tests without internet.
 
-It serves the endpoints huggingface_hub 2.x calls (checked against its source):
-- GET  /api/models/{repo}[/revision/{rev}]  model_info / repo_info (`?blobs=true` adds sizes, blob ids, LFS info)
+It serves what huggingface_hub 2.x calls (checked against its source: hf_api.py, file_download.py):
+- GET  /api/models/{repo}[/revision/{rev}]     model_info / repo_info (`?blobs=true`: sizes, blob ids, LFS info)
 - GET  /api/models/{repo}/tree/{rev}[/{path}]  list_repo_tree (snapshot_download lists files with it)
-- HEAD /{repo}/resolve/{rev}/{path}  get_hf_file_metadata: ETag, X-Repo-Commit, Content-Length, X-Linked-*
-- GET  /{repo}/resolve/{rev}/{path}  http_get, with `Range: bytes=N-` answered by 206 (how downloads resume)
+- HEAD/GET /{repo}/resolve/{rev}/{path}        regular files: 200 with ETag, X-Repo-Commit, Content-Length;
+  LFS files (weights): 302 to a second server on another port, the "CDN", carrying X-Repo-Commit,
+  X-Linked-Etag (sha256) and X-Linked-Size, as the real Hub does
+- HEAD/GET {cdn}/lfs/{sha256}/{path}           the bytes; `Range: bytes=N-` is answered by 206 (resume)
 
-Errors carry the X-Error-Code header huggingface_hub maps to its exception classes.
-`cut(path, after)` drops the connection after that many body bytes of that file, then answers 503 for that
-file (`down`), like a CDN node that failed mid-transfer, until `cut_clear()`; other files are served, so
-which bytes reach the disk does not depend on thread timing. `stall=True` instead
-holds the transfer there until `cut_clear()` (time for a test to press Ctrl-C).
+Errors carry the X-Error-Code header huggingface_hub maps to its exception classes (RepoNotFound, ...).
+`cut(path, after)` drops the connection after that many body bytes of that file and then answers 503 for it,
+like a CDN node failing mid-transfer, until `cut_clear()`; other files are still served, so which bytes reach
+the disk does not depend on thread timing. `cut(..., stall=True)` instead holds the transfer there until
+`cut_clear()` (time for a test to press Ctrl-C).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".npz")
 
@@ -32,16 +34,12 @@ LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".npz")
 class FakeFile:
     data: bytes
     lfs: bool
-    blob_id: str = ""  # git blob sha1, the ETag of a regular file
+    blob_id: str = ""  # git blob sha1: the ETag of a regular file
     sha256: str = ""  # the ETag of an LFS file
 
     def __post_init__(self):
         self.blob_id = hashlib.sha1(b"blob %d\0" % len(self.data) + self.data).hexdigest()
         self.sha256 = hashlib.sha256(self.data).hexdigest()
-
-    @property
-    def etag(self) -> str:
-        return self.sha256 if self.lfs else self.blob_id
 
 
 @dataclass
@@ -54,17 +52,24 @@ class FakeRepo:
 @dataclass
 class Request:
     method: str
-    path: str  # decoded path without query
+    path: str  # decoded, without the query
     range: str | None
+    status: int = 0
 
 
 class _QuietServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, handler):
+        super().__init__(("127.0.0.1", 0), handler)
         self.open_sockets: set[socket.socket] = set()
+        self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
 
     def process_request_thread(self, request, client_address):
         self.open_sockets.add(request)
@@ -76,42 +81,44 @@ class _QuietServer(ThreadingHTTPServer):
     def handle_error(self, request, client_address):
         pass  # clients dropping keep-alive connections is normal; a traceback here would land in test output
 
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.shutdown()
+            self.thread.join()
+        self.server_close()
+        for sock in list(self.open_sockets):  # keep-alive connections too: the host is gone
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
 
 class HubServer:
-    """Threaded HTTP server on 127.0.0.1 (a free port) serving fake model repos."""
+    """The fake Hub and its fake CDN, each a threaded HTTP server on a free port of 127.0.0.1."""
 
     def __init__(self):
         self.repos: dict[str, FakeRepo] = {}
         self.requests: list[Request] = []
-        self.sent: dict[str, int] = {}  # repo file path -> body bytes sent (GET)
+        self.sent: dict[str, int] = {}  # repo file path -> body bytes sent
         self.cut_path: str | None = None
-        self.cut_after: int = 0
+        self.cut_after = 0
         self.stall = False
-        self.stalled = threading.Event()  # set while a stalled transfer waits
-        self._release = threading.Event()
+        self.stalled = threading.Event()  # set once a stalled transfer waits
         self.down: set[str] = set()  # file paths answering 503
+        self._release = threading.Event()
         self._lock = threading.Lock()
-        self._httpd = _QuietServer(("127.0.0.1", 0), _handler_for(self))
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        self._hub = _QuietServer(_handler_for(self))
+        self._cdn = _QuietServer(_handler_for(self))
+        self.url, self.cdn_url = self._hub.url, self._cdn.url
 
     def start(self) -> HubServer:
-        self._thread.start()
+        self._hub.thread.start()
+        self._cdn.thread.start()
         return self
 
     def stop(self) -> None:
-        if self._thread.is_alive():  # idempotent: a test may stop it early to simulate an unreachable hub
-            self._httpd.shutdown()
-            self._thread.join()
-        self._httpd.server_close()
+        """Idempotent: a test may stop it early to simulate an unreachable Hub."""
         self._release.set()
-        for sock in list(self._httpd.open_sockets):  # keep-alive connections too: the hub is gone
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        self._hub.close()
+        self._cdn.close()
 
     def add_repo(self, repo_id: str, files: dict[str, bytes] | str | Path, *, gated: bool = False) -> FakeRepo:
         """Publish a repo from {path: bytes} or a folder; weights (.safetensors, ...) are stored as LFS."""
@@ -124,7 +131,7 @@ class HubServer:
         return self.repos[repo_id]
 
     def cut(self, path: str, after: int, stall: bool = False) -> None:
-        """Interrupt the next GET of `path` after `after` body bytes: drop it (then 503), or stall it."""
+        """Interrupt the next transfer of `path` after `after` body bytes: drop it (then 503), or stall it."""
         self.cut_path, self.cut_after, self.stall = path, after, stall
         self._release.clear()
 
@@ -134,7 +141,9 @@ class HubServer:
         self._release.set()
 
     def gets(self, path: str) -> list[Request]:
-        return [r for r in self.requests if r.method == "GET" and r.path.endswith("/" + path)]
+        """The GETs that sent bytes of repo file `path` (from the CDN for LFS files)."""
+        return [r for r in self.requests
+                if r.method == "GET" and r.path.endswith("/" + path) and r.status in (200, 206)]
 
 
 def _handler_for(server: HubServer):
@@ -144,18 +153,24 @@ def _handler_for(server: HubServer):
         def log_message(self, *args):  # keep test output quiet
             pass
 
+        def send_response(self, code, message=None):
+            self.record.status = code
+            super().send_response(code, message)
+
         def do_HEAD(self):
             self._route(head=True)
 
         def do_GET(self):
             self._route(head=False)
 
-        # --- routing -------------------------------------------------------------------------------
         def _route(self, head: bool):
             url = urlsplit(self.path)
             path, query = unquote(url.path), parse_qs(url.query)
+            self.record = Request(self.command, path, self.headers.get("Range"))
             with server._lock:
-                server.requests.append(Request(self.command, path, self.headers.get("Range")))
+                server.requests.append(self.record)
+            if self.server is server._cdn:
+                return self._cdn(path, head)
             if path.startswith("/api/models/"):
                 return self._api(path[len("/api/models/") :], query)
             if "/resolve/" in path:
@@ -177,17 +192,18 @@ def _handler_for(server: HubServer):
         def _api(self, rest: str, query: dict):
             parts = rest.split("/")
             repo_id, tail = "/".join(parts[:2]), parts[2:]
+            flag = lambda name: query.get(name, ["false"])[0].lower() == "true"  # noqa: E731
             if tail[:1] == ["tree"] and len(tail) >= 2:
                 repo = self._repo(repo_id, tail[1])
                 if repo:
-                    self._json(_tree(repo, "/".join(tail[2:]), query.get("recursive", ["false"])[0].lower() == "true"))
+                    self._json(_tree(repo, "/".join(tail[2:]), flag("recursive")))
                 return
             rev = tail[1] if tail[:1] == ["revision"] and len(tail) >= 2 else None
             if tail and rev is None:
                 return self._error(404, None, "unknown api route")
             repo = self._repo(repo_id, rev)
             if repo:
-                self._json(_model_info(repo_id, repo, blobs=query.get("blobs", ["false"])[0].lower() == "true"))
+                self._json(_model_info(repo_id, repo, blobs=flag("blobs")))
 
         def _resolve(self, repo_id: str, rev: str, file_path: str, head: bool):
             repo = self._repo(repo_id, rev)
@@ -200,8 +216,27 @@ def _handler_for(server: HubServer):
             f = repo.files.get(file_path)
             if f is None:
                 return self._error(404, "EntryNotFound", "Entry not found", repo.commit)
-            total = len(f.data)
-            start, status = 0, 200
+            if not f.lfs:
+                return self._bytes(f, file_path, head, {"ETag": f'"{f.blob_id}"', "X-Repo-Commit": repo.commit})
+            self.send_response(302)
+            self.send_header("Location", f"{server.cdn_url}/lfs/{f.sha256}/{quote(file_path)}")
+            self.send_header("X-Repo-Commit", repo.commit)
+            self.send_header("X-Linked-Etag", f'"{f.sha256}"')
+            self.send_header("X-Linked-Size", str(len(f.data)))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def _cdn(self, path: str, head: bool):
+            _, _, sha, file_path = path.split("/", 3)
+            found = [f for repo in server.repos.values() for f in repo.files.values() if f.sha256 == sha]
+            if not found:
+                return self._error(404, None, "no such object")
+            if file_path in server.down:
+                return self._error(503, None, "service unavailable")
+            self._bytes(found[0], file_path, head, {"ETag": f'"{sha}"'})
+
+        def _bytes(self, f: FakeFile, file_path: str, head: bool, headers: dict[str, str]):
+            total, start, status = len(f.data), 0, 200
             rng = self.headers.get("Range")
             if rng and not head:
                 start = int(rng.removeprefix("bytes=").split("-")[0])
@@ -209,13 +244,10 @@ def _handler_for(server: HubServer):
                     return self._error(416, None, "range not satisfiable")
                 status = 206
             self.send_response(status)
-            self.send_header("ETag", f'"{f.etag}"')
-            self.send_header("X-Repo-Commit", repo.commit)
+            for name, value in headers.items():
+                self.send_header(name, value)
             self.send_header("Accept-Ranges", "bytes")
             self.send_header("Content-Length", str(total - start))
-            if f.lfs:  # the real hub sends these for LFS files (with a redirect to its CDN)
-                self.send_header("X-Linked-Etag", f'"{f.sha256}"')
-                self.send_header("X-Linked-Size", str(total))
             if status == 206:
                 self.send_header("Content-Range", f"bytes {start}-{total - 1}/{total}")
             self.end_headers()
@@ -238,25 +270,21 @@ def _handler_for(server: HubServer):
             with server._lock:
                 server.sent[file_path] = server.sent.get(file_path, 0) + sent + len(body)
 
-        # --- responses -----------------------------------------------------------------------------
         def _json(self, payload):
-            body = json.dumps(payload).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
+            self._send(200, json.dumps(payload).encode(), {"Content-Type": "application/json"})
 
         def _error(self, status: int, code: str | None, message: str, commit: str | None = None):
-            body = json.dumps({"error": message}).encode()
-            self.send_response(status)
+            headers = {"Content-Type": "application/json"}
             if code:
-                self.send_header("X-Error-Code", code)
-                self.send_header("X-Error-Message", message)
+                headers.update({"X-Error-Code": code, "X-Error-Message": message})
             if commit:
-                self.send_header("X-Repo-Commit", commit)
-            self.send_header("Content-Type", "application/json")
+                headers["X-Repo-Commit"] = commit
+            self._send(status, json.dumps({"error": message}).encode(), headers)
+
+        def _send(self, status: int, body: bytes, headers: dict[str, str]):
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             if self.command != "HEAD":

@@ -13,7 +13,6 @@ import urllib.request
 
 import mlx.core as mx
 import pytest
-from reference import add_mtp_layer, make_reference, write_tokenizer
 from typer.testing import CliRunner
 
 from glm_mlx import load
@@ -25,12 +24,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cli")
-    ref = make_reference(path, seed=5)
-    add_mtp_layer(path, ref, seed=6)
-    write_tokenizer(path)
-    return path
+def ckpt(mtp_ckpt):
+    return mtp_ckpt
 
 
 def test_generate_text_and_json(ckpt):

@@ -59,8 +59,9 @@ def test_download_into_cache_prints_the_snapshot(hub, tmp_path):
     path = Path(result.stdout.strip())
     assert path == tmp_path / "hf-cache" / "models--org--tiny-glm" / "snapshots" / repo.commit
     assert_same_files(path, files)
-    # It really went through the loopback server, and the weights came once each.
-    assert hub.gets(WEIGHT) and hub.sent[WEIGHT] == len(files[WEIGHT])
+    # It really went through the loopback servers: weights came once each, from the "CDN" the Hub redirects to.
+    assert [r.path for r in hub.gets(WEIGHT)] == [f"/lfs/{hashlib.sha256(files[WEIGHT]).hexdigest()}/{WEIGHT}"]
+    assert hub.sent[WEIGHT] == len(files[WEIGHT])
     # resolve_model_path finds it offline (no request), by repo id; a folder is returned as is.
     before = len(hub.requests)
     assert hublib.resolve_model_path(REPO) == path
@@ -80,7 +81,8 @@ def test_include_exclude(hub):
     keep = ["config.json", WEIGHT, "model-00002-of-00002.safetensors"]
     assert out["files"] == 3 and out["bytes"] == sum(len(files[k]) for k in keep)
     assert_same_files(Path(out["path"]), {k: files[k] for k in keep})
-    assert hublib.repo_files(REPO, include=["*.json"]) == [(k, len(files[k])) for k in ("config.json", "tokenizer.json")]
+    json_files = [(k, len(files[k])) for k in ("config.json", "tokenizer.json")]
+    assert hublib.repo_files(REPO, include=["*.json"]) == json_files
     # The library call, without progress output, gives the same snapshot folder.
     assert hublib.download(REPO, include=["config.json"], progress=False) == Path(out["path"])
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from reference import add_mtp_layer, make_reference, write_tokenizer
 
 from glm_mlx import load, load_model
 from glm_mlx.engine import Engine, StepStats
@@ -17,12 +16,8 @@ PROMPT = [int(t) for t in np.random.RandomState(0).randint(11, 80, size=20)]  # 
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("mtp")
-    ref = make_reference(path, seed=5)
-    add_mtp_layer(path, ref, seed=6)
-    write_tokenizer(path)
-    return path
+def ckpt(mtp_ckpt):
+    return mtp_ckpt
 
 
 @pytest.fixture(scope="module")
