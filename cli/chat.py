@@ -109,7 +109,9 @@ def _command(line: str, session, out: Console) -> bool:
         session.reset()
         out.print("[dim]conversation cleared[/]")
     elif cmd in ("/save", "/load"):
-        if not arg:
+        if hasattr(session.model, "broadcast_request"):  # a pipeline: the other ranks hold their caches
+            out.print(f"[red]{cmd} is not supported in a multi-Mac chat yet[/]")
+        elif not arg:
             out.print(f"[red]usage: {cmd} FILE[/]")
         else:
             try:
