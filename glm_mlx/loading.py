@@ -109,6 +109,15 @@ def _check_weights(model: Model, weights: dict):
                                   "The checkpoint does not match its config.json.")
 
 
+def _cpu_needs_float32(model: Model) -> bool:
+    """MLX's CPU backend runs unquantized gather_mm (the MoE experts) only in float32."""
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    if mx.default_device().type != mx.DeviceType.cpu:
+        return False
+    return any(isinstance(m, SwitchLinear) for _, m in model.named_modules())
+
+
 def _target_dtype(config: dict, dtype):
     if dtype is not None:
         return dtype
@@ -139,6 +148,8 @@ def load_model(path, *, lazy: bool = False, dtype=None, mtp: bool = True, keep=N
         _quantize_for_checkpoint(model, args.quantization, weights)
     _check_weights(model, weights)
     target = _target_dtype(config, dtype)
+    if dtype is None and target != mx.float32 and _cpu_needs_float32(model):
+        target = mx.float32
     cast = model.cast_predicate
     weights = {k: (v.astype(target) if cast(k) and mx.issubdtype(v.dtype, mx.floating) else v)
                for k, v in weights.items()}
