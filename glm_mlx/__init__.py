@@ -9,25 +9,20 @@ from .config import ModelArgs
 from .errors import CheckpointError, ConfigError, GlmMlxError
 
 
+_LAZY = {"load": "loading", "load_model": "loading", "generate": "generate", "stream_generate": "generate",
+         "encode_prompt": "generate", "Engine": "engine", "PromptCache": "prompt_cache", "SamplingParams": "sampling",
+         "Model": "model"}
+
+
 def __getattr__(name):
     # Lazy so `import glm_mlx` (and the CLI's start-up) does not pull in MLX until needed.
-    if name in ("load", "load_model"):
-        from . import loading
+    if name not in _LAZY:
+        raise AttributeError(name)
+    import importlib
 
-        return getattr(loading, name)
-    if name in ("generate", "stream_generate", "encode_prompt"):
-        from . import generate as gen
-
-        return getattr(gen, name)
-    if name in ("Engine", "PromptCache", "SamplingParams"):
-        from . import engine, prompt_cache, sampling
-
-        return getattr(engine, name, None) or getattr(prompt_cache, name, None) or getattr(sampling, name)
-    if name == "Model":
-        from .model import Model
-
-        return Model
-    raise AttributeError(name)
+    value = getattr(importlib.import_module(f"glm_mlx.{_LAZY[name]}"), name)
+    globals()[name] = value  # also replaces the submodule attribute `generate` with the function
+    return value
 
 
 __all__ = ["ModelArgs", "Model", "load", "load_model", "generate", "stream_generate", "Engine", "PromptCache",

@@ -1,12 +1,19 @@
 """Multi-head Latent Attention with the DeepSeek Sparse Attention (DSA) indexer.
 
-Shapes: B batch, L new tokens, T cached tokens (including the new ones), H heads,
-C = kv_lora_rank, R = qk_rope_head_dim, N = qk_nope_head_dim, V = v_head_dim.
+Shapes: B batch, L new tokens, T cached tokens (including the new ones), H heads, k = index_topk,
+C = kv_lora_rank, R = qk_rope_head_dim, N = qk_nope_head_dim, V = v_head_dim, h/D indexer heads/dim.
 
-Two equivalent ways to attend (they agree to float rounding; tests check both against the
-reference): prefill expands the latent into per-head keys/values (cheap when L is large),
-decode absorbs kv_b_proj into the query and attends in the C-dim latent space, so each
-step reads only the [T, C+R] cache instead of H expanded heads.
+Three equivalent ways to attend (they agree to float rounding; tests check them against the
+reference and each other):
+  * dense expanded (context <= index_topk, many new tokens): the latent is expanded into
+    per-head keys/values and fed to fused SDPA;
+  * dense absorbed (context <= index_topk, few new tokens): kv_b_proj is absorbed into the query
+    and scores are taken in the C-dim latent space against the [T, C+R] cache;
+  * sparse (context > index_topk, the default there): per query chunk, gather each query's k
+    selected latents ([B, Lc, k, C] and rope keys) and attend in the latent space. Working memory
+    is O(chunk x k), never O(L x T), and the work O(L x k) instead of O(L x T).
+The indexer scores keys chunk by chunk over queries too, so its float32 scores are
+[B, Lc, h, T] per chunk, not [B, h, L, T]. Path choice depends only on shapes (no host syncs).
 """
 
 from __future__ import annotations
@@ -23,6 +30,10 @@ from .config import ModelArgs
 
 # Below this many new tokens the absorbed (latent-space) path is cheaper than expanding keys.
 ABSORBED_MAX_TOKENS = 16
+# Per-chunk working-set budgets (elements), sizing the query chunks when none is set:
+INDEX_SCORE_BUDGET = 1 << 24  # indexer: Lc * h * T float32 scores (64 MB)
+SPARSE_CHUNK_BYTES = 1 << 26  # sparse attention: per chunk, gathered rows + ~6 query-side [H, C+R] tensors
+DENSE_SCORE_BUDGET = 1 << 26  # largest L * T * H score block the dense fallback may build past k
 
 
 def make_rope(args: ModelArgs, traditional: bool):
@@ -43,8 +54,12 @@ def causal_mask(L: int, T: int) -> mx.array:
     return mx.arange(T)[None, :] <= (T - L + mx.arange(L))[:, None]
 
 
+def chunks(n: int, size: int):
+    return [(s, min(n, s + size)) for s in range(0, n, max(1, size))]
+
+
 class Indexer(nn.Module):
-    """Scores every cached key for each query and returns the top-k positions ([B, L, k] int)."""
+    """Scores every cached key for each query and returns the top-k positions ([B, L, k] int32)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -54,6 +69,8 @@ class Indexer(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)  # LayerNorm with bias, eps 1e-6
         self.weights_proj = nn.Linear(args.hidden_size, self.n_heads, bias=False)
         self.rope = make_rope(args, traditional=args.indexer_rope_interleave)
+        self.key_bits = args.index_cache_bits  # None: keys kept in the model dtype; 8: int8 + per-key scale
+        self.query_chunk: int | None = None  # None: sized by INDEX_SCORE_BUDGET
 
     def keys(self, x: mx.array, offset: int) -> mx.array:
         """[B, L, hidden] -> roped, normed indexer keys [B, 1, L, D] (rope on the first R dims)."""
@@ -61,23 +78,54 @@ class Indexer(nn.Module):
         k = self.k_norm(self.wk(x)).reshape(B, 1, L, self.head_dim)
         return self.rope(k, offset=offset)
 
+    def stored_keys(self, k: mx.array):
+        """What the cache holds: the keys, or (packed uint32, float32 scale, float32 bias), one group per key."""
+        if not self.key_bits:
+            return k
+        return tuple(mx.quantize(k.astype(mx.float32), group_size=self.head_dim, bits=self.key_bits))
+
     def __call__(self, x, qr, offset: int, cache: DSACache | None):
         B, L, _ = x.shape
-        k = self.keys(x, offset)
+        k = self.stored_keys(self.keys(x, offset))
         if cache is not None:
-            k = cache.update_index(k)  # [B, 1, T, D]
-        T = k.shape[2]
+            k = cache.update_index(k)  # [B, 1, T, D] (or its quantized triple)
+        T = offset + L
         if T <= self.topk:
             return None  # every causal key is selected: dense attention is exact
-        q = self.wq_b(qr).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
-        q = self.rope(q, offset=offset)  # [B, h, L, D]
-        # float32 scoring, as the reference does: ReLU(q.k / sqrt(D)) weighted per head.
-        scores = mx.maximum(q.astype(mx.float32) @ k.astype(mx.float32).swapaxes(-1, -2), 0.0)
-        scores = scores * (self.head_dim**-0.5)  # [B, h, L, T]
-        w = self.weights_proj(x).astype(mx.float32) * (self.n_heads**-0.5)  # [B, L, h]
-        index = (w.transpose(0, 2, 1)[..., None] * scores).sum(axis=1)  # [B, L, T]
-        index = mx.where(causal_mask(L, T), index, -mx.inf)
-        return mx.argpartition(-index, kth=self.topk - 1, axis=-1)[..., : self.topk]
+        h, D = self.n_heads, self.head_dim
+        q = self.wq_b(qr).reshape(B, L, h, D).transpose(0, 2, 1, 3)
+        q = self.rope(q, offset=offset).transpose(0, 2, 1, 3).astype(mx.float32)  # [B, L, h, D]
+        # float32 scoring, as the reference does: sum_h w_h * ReLU(q_h.k / sqrt(D)) / sqrt(h);
+        # both positive scales fold into the per-head weights.
+        w = self.weights_proj(x).astype(mx.float32) * (h**-0.5 * D**-0.5)  # [B, L, h]
+        size = self.query_chunk or max(1, INDEX_SCORE_BUDGET // (h * T))
+        out = []
+        for s, e in chunks(L, size):
+            Tc = T - L + e  # keys visible to the chunk's last query: the rest are never scored
+            if Tc <= self.topk:  # every query of the chunk sees at most k keys: take them all
+                out.append(mx.broadcast_to(mx.arange(self.topk, dtype=mx.int32), (B, e - s, self.topk)))
+                continue
+            # Chained on the previous chunk so chunks run one after another: only one chunk's
+            # scores are alive at a time (otherwise MLX may schedule them side by side).
+            qc = mx.depends(q[:, s:e], out[-1]) if out else q[:, s:e]
+            score = self._score(qc, w[:, s:e], k, Tc)  # [B, Lc, Tc]
+            if e - s > 1:
+                score = mx.where(causal_mask(e - s, Tc), score, -mx.inf)
+            out.append(mx.argpartition(-score, kth=self.topk - 1, axis=-1)[..., : self.topk].astype(mx.int32))
+        return out[0] if len(out) == 1 else mx.concatenate(out, axis=1)
+
+    def _score(self, q, w, k, Tc: int) -> mx.array:
+        """q [B, Lc, h, D] f32, w [B, Lc, h] -> index scores [B, Lc, Tc] over the first Tc keys."""
+        B, Lc, h, D = q.shape
+        q = q.reshape(B, Lc * h, D)
+        if isinstance(k, tuple):  # 8-bit keys: dequantisation fused into the matmul
+            kq, ks, kb = (a[:, 0, :Tc] for a in k)
+            s = mx.quantized_matmul(q, kq, ks, kb, transpose=True, group_size=D, bits=self.key_bits)
+        else:
+            s = q @ k[:, 0, :Tc].astype(mx.float32).swapaxes(-1, -2)  # [B, Lc*h, Tc]
+        s = mx.maximum(s, 0.0).reshape(B, Lc, h, Tc)
+        # The weighted head sum as a batched mat-vec: no [B, Lc, h, Tc] product tensor.
+        return (w[:, :, None, :] @ s)[:, :, 0]  # [B, Lc, 1, Tc] -> [B, Lc, Tc]
 
 
 def sparse_mask(topk: mx.array | None, L: int, T: int) -> mx.array:
@@ -113,6 +161,8 @@ class MLAttention(nn.Module):
             if factor > 1:  # YaRN attention temperature, as the reference applies it
                 m = 0.1 * rp["mscale_all_dim"] * math.log(factor) + 1.0
                 self.scale *= m * m
+        self.path = "auto"  # "auto" | "sparse" | "dense": how to attend once top-k indices exist
+        self.query_chunk: int | None = None  # sparse path; None: sized by SPARSE_CHUNK_BYTES
 
     def __call__(self, x: mx.array, cache: DSACache | None = None, prev_topk: mx.array | None = None):
         """x [B, L, hidden] -> (output [B, L, hidden], top-k indices for a following shared layer)."""
@@ -130,31 +180,95 @@ class MLAttention(nn.Module):
         latent = self.kv_a_layernorm(latent)[:, None]  # [B, 1, L, C]
         k_pe = self.rope(k_pe[:, None], offset=offset)  # [B, 1, L, R]
         if cache is not None:
-            latent, k_pe = cache.update_latent(latent, k_pe)  # [B, 1, T, *]
-        T = latent.shape[2]
+            kv = cache.update_kv(latent, k_pe)  # [B, 1, T, C+R]
+        else:
+            kv = mx.concatenate([latent, k_pe], axis=-1)
+        T = kv.shape[2]
 
         topk = self.indexer(x, qr, offset, cache) if self.indexer is not None else prev_topk
-        mask = sparse_mask(topk, L, T)
-
-        if L <= ABSORBED_MAX_TOKENS:
-            out = self._attend_latent(q_nope, q_pe, latent, k_pe, mask)
+        if topk is not None and self._use_sparse(L, T, topk.shape[-1]):
+            out = self._attend_sparse(q_nope, q_pe, kv, topk)
         else:
-            out = self._attend_expanded(q_nope, q_pe, latent, k_pe, mask)
+            mask = sparse_mask(topk, L, T)
+            if L <= ABSORBED_MAX_TOKENS:
+                out = self._attend_latent(q_nope, q_pe, kv, mask)
+            else:
+                out = self._attend_expanded(q_nope, q_pe, kv, mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)  # [B, L, H*V]
         return self.o_proj(out), topk
 
-    def _attend_expanded(self, q_nope, q_pe, latent, k_pe, mask):
-        H = self.num_heads
+    def _use_sparse(self, L: int, T: int, k: int) -> bool:
+        """Whether gathering k latents per query beats a masked dense pass over all T keys.
+
+        Multiply-adds per call: sparse L*k*H*(2C+R) (the gather is a copy); dense absorbed L*T*H*(2C+R);
+        dense expanded L*T*H*(N+R+V) plus expanding T latents into H keys and values. Dense is
+        only considered while its [L, T] score block stays small, so memory is never O(L x T).
+        """
+        if self.path != "auto":
+            return self.path == "sparse"
+        a, H = self.args, self.num_heads
+        C, R = a.kv_lora_rank, a.qk_rope_head_dim
+        sparse = L * k * H * (2 * C + R)
+        if L <= ABSORBED_MAX_TOKENS:
+            dense = L * T * H * (2 * C + R)
+        else:
+            dense = L * T * H * (a.qk_head_dim + a.v_head_dim) + T * H * C * (a.qk_nope_head_dim + a.v_head_dim)
+        return sparse <= dense or L * T * H > DENSE_SCORE_BUDGET
+
+    def _scale_in_query(self, n_keys: int) -> bool:
+        # Apply the softmax scale to whichever is smaller: the [.., C+R] query or the [.., n_keys] scores.
+        return n_keys > self.args.kv_lora_rank + self.args.qk_rope_head_dim
+
+    def _latent_query(self, q_nope, q_pe, n_keys: int):
+        """Absorb kv_b_proj's key half into the query: q_nope . (W_k c) == (W_k^T q_nope) . c.
+        [B, H, L, N], [B, H, L, R] -> [B, H, L, C+R], matching the cache rows [latent | rope key]."""
+        q = mx.concatenate([self.embed_q(q_nope), q_pe], axis=-1)
+        return q * self.scale if self._scale_in_query(n_keys) else q
+
+    def _latent_softmax(self, scores, dtype, valid=None):
+        if not self._scale_in_query(scores.shape[-1]):
+            scores = scores * self.scale
+        scores = scores.astype(mx.float32)
+        if valid is not None:
+            scores = mx.where(valid, scores, -mx.inf)
+        return mx.softmax(scores, axis=-1).astype(dtype)
+
+    def _attend_sparse(self, q_nope, q_pe, kv, topk):
+        """Latent-space attention over each query's own top-k cache rows -> [B, H, L, V]."""
+        B, H, L, _ = q_nope.shape
+        T, CR, k = kv.shape[2], kv.shape[-1], topk.shape[-1]
+        C = self.args.kv_lora_rank
+        flat = kv.reshape(B * T, CR)  # [B, 1, T, C+R] -> rows of the cache
+        rows = topk if B == 1 else topk + (mx.arange(B, dtype=topk.dtype) * T)[:, None, None]
+        per_query = (k + 6 * H) * CR * kv.dtype.size  # bytes alive per query of a chunk
+        size = self.query_chunk or max(1, SPARSE_CHUNK_BYTES // per_query)
+        outs = []
+        for s, e in chunks(L, size):
+            idx = mx.depends(rows[:, s:e], outs[-1]) if outs else rows[:, s:e]  # one chunk at a time
+            sel = mx.take(flat, idx, axis=0)  # [B, Lc, k, C+R]
+            q = self._latent_query(q_nope[:, :, s:e], q_pe[:, :, s:e], k).transpose(0, 2, 1, 3)  # [B, Lc, H, C+R]
+            scores = q @ sel.swapaxes(-1, -2)  # [B, Lc, H, k]
+            valid = None
+            if T - L + s + 1 < k:  # a query with fewer than k causal keys also got later ones: drop them
+                valid = (topk[:, s:e] <= (T - L + mx.arange(s, e))[:, None])[:, :, None]  # [B, Lc, 1, k]
+            probs = self._latent_softmax(scores, sel.dtype, valid)
+            # Values are the latent half of each row; multiplying the whole row and dropping the rope
+            # columns afterwards avoids copying a strided [B, Lc, k, C] slice.
+            o = (probs @ sel)[..., :C].transpose(0, 2, 1, 3)  # [B, Lc, H, C] -> [B, H, Lc, C]
+            outs.append(self.unembed_out(o))  # [B, H, Lc, V]
+        return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
+
+    def _attend_expanded(self, q_nope, q_pe, kv, mask):
+        H, C = self.num_heads, self.args.kv_lora_rank
+        latent, k_pe = kv[..., :C], kv[..., C:]
         k_nope = self.embed_q(latent, transpose=False)  # [B, H, T, N]
         values = self.unembed_out(latent)  # [B, H, T, V]
         keys = mx.concatenate([k_nope, mx.broadcast_to(k_pe, k_pe.shape[:1] + (H,) + k_pe.shape[2:])], axis=-1)
         queries = mx.concatenate([q_nope, q_pe], axis=-1)
         return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
 
-    def _attend_latent(self, q_nope, q_pe, latent, k_pe, mask):
-        # Absorb kv_b_proj's key half into the query: q_nope . (W_k c) == (W_k^T q_nope) . c
-        q_lat = self.embed_q(q_nope)  # [B, H, L, C]
-        scores = (q_lat @ latent.swapaxes(-1, -2) + q_pe @ k_pe.swapaxes(-1, -2)) * self.scale  # [B, H, L, T]
-        scores = mx.where(mask, scores.astype(mx.float32), -mx.inf)
-        probs = mx.softmax(scores, axis=-1).astype(latent.dtype)
-        return self.unembed_out(probs @ latent)  # [B, H, L, C] -> [B, H, L, V]
+    def _attend_latent(self, q_nope, q_pe, kv, mask):
+        T, C = kv.shape[2], self.args.kv_lora_rank
+        q = self._latent_query(q_nope, q_pe, T)  # [B, H, L, C+R]
+        probs = self._latent_softmax(q @ kv.swapaxes(-1, -2), kv.dtype, mask)  # [B, H, L, T]
+        return self.unembed_out((probs @ kv)[..., :C])  # [B, H, L, C] -> [B, H, L, V]

@@ -1,9 +1,12 @@
 """Per-layer caches for GLM-MoE-DSA.
 
 Each decoder layer caches its compressed latent KV (kv_lora_rank latent + qk_rope_head_dim rope
-key, a single "head" shared by all heads: that is what MLA saves) and, only on layers with their
-own indexer, the indexer keys (index_head_dim per token). Shared-indexer layers (GLM-5.2) reuse
-an earlier layer's top-k and keep no indexer keys.
+key, a single "head" shared by all heads: that is what MLA saves), stored side by side as one
+[B, 1, T, C+R] row per token so sparse attention gathers each selected key with one row read and
+scores it with one matmul; and, only on layers with their
+own indexer, the indexer keys (index_head_dim per token, in the model dtype, or with
+`index_cache_bits=8` as packed 8-bit codes plus a float32 scale and bias per key). Shared-indexer
+layers (GLM-5.2) reuse an earlier layer's top-k and keep no indexer keys.
 
 Why not mlx-lm's KVCache/CacheList: those report the bytes of their whole pre-allocated buffer
 and need a values tensor for every cache; here `nbytes` must be the bytes held for the cached
@@ -53,24 +56,37 @@ class _GrowingBuffer:
 class DSACache(_BaseCache):
     """One layer's cache: latent KV + rope key, and indexer keys when the layer has an indexer."""
 
-    def __init__(self, has_indexer: bool):
+    def __init__(self, has_indexer: bool, index_bits: int | None = None):
         self.has_indexer = has_indexer
+        self.index_bits = index_bits if has_indexer else None
         self.offset = 0
-        self._latent = _GrowingBuffer()
-        self._rope = _GrowingBuffer()
-        self._index = _GrowingBuffer() if has_indexer else None
+        self.latent_dim = 0  # C: the latent is kv[..., :C], the rope key kv[..., C:]
+        self._kv = _GrowingBuffer()
+        # One buffer for plain keys; (codes, scales, biases) for 8-bit keys.
+        self._index = [_GrowingBuffer() for _ in range(3 if self.index_bits else 1)] if has_indexer else []
 
     # Attention writes its latents first, then the indexer writes its keys, for the same tokens.
-    def update_latent(self, latent: mx.array, k_pe: mx.array) -> tuple[mx.array, mx.array]:
-        """Append [B,1,L,kv_lora] latents and [B,1,L,rope] keys; return the full cached arrays."""
-        lat = self._latent.write(self.offset, latent)
-        pe = self._rope.write(self.offset, k_pe)
+    def update_kv(self, latent: mx.array, k_pe: mx.array) -> mx.array:
+        """Append [B,1,L,kv_lora] latents and [B,1,L,rope] keys; return all cached rows [B,1,T,C+R]."""
+        self.latent_dim = latent.shape[-1]
+        kv = self._kv.write(self.offset, mx.concatenate([latent, k_pe], axis=-1))
         self.offset += latent.shape[2]
-        return lat, pe
+        return kv
 
-    def update_index(self, keys: mx.array) -> mx.array:
-        """Append [B,1,L,index_head_dim] indexer keys for the tokens just added by update_latent."""
-        return self._index.write(self.offset - keys.shape[2], keys)
+    def update_latent(self, latent: mx.array, k_pe: mx.array) -> tuple[mx.array, mx.array]:
+        """As update_kv, split: ([B,1,T,kv_lora] latents, [B,1,T,rope] keys)."""
+        kv = self.update_kv(latent, k_pe)
+        return kv[..., : self.latent_dim], kv[..., self.latent_dim :]
+
+    def update_index(self, keys):
+        """Append [B,1,L,index_head_dim] indexer keys (or their 8-bit (codes, scales, biases)) for the
+        tokens just added by update_latent; return all cached keys in the same form."""
+        parts = keys if isinstance(keys, tuple) else (keys,)
+        if len(parts) != len(self._index):
+            raise ValueError(f"indexer keys in {len(parts)} parts, cache built for {len(self._index)}")
+        start = self.offset - parts[0].shape[2]
+        out = tuple(b.write(start, p) for b, p in zip(self._index, parts))
+        return out if isinstance(keys, tuple) else out[0]
 
     # --- mlx-lm cache protocol ---------------------------------------------------------------
     def size(self) -> int:
@@ -90,35 +106,48 @@ class DSACache(_BaseCache):
     @property
     def nbytes(self) -> int:
         """Bytes held for the cached tokens (what the planner predicts per token)."""
-        total = self._latent.bytes_for(self.offset) + self._rope.bytes_for(self.offset)
-        if self._index is not None:
-            total += self._index.bytes_for(self.offset)
-        return total
+        return sum(b.bytes_for(self.offset) for b in [self._kv] + self._index)
 
     @property
     def reserved_nbytes(self) -> int:
         """Bytes actually allocated (rounded up to the 256-token growth step)."""
-        bufs = [self._latent, self._rope] + ([self._index] if self._index is not None else [])
-        return sum(b.reserved_bytes for b in bufs)
+        return sum(b.reserved_bytes for b in [self._kv] + self._index)
 
     @property
     def state(self):
-        arrays = [self._latent.valid(self.offset), self._rope.valid(self.offset)]
-        if self._index is not None:
-            arrays.append(self._index.valid(self.offset))
-        return arrays if self.offset else []
+        """[latent, rope keys] + [indexer keys] on indexer layers: 8-bit keys travel as one uint32
+        array [B, 1, T, D/4 + 2] (codes, then the scale and bias bit patterns) so savers see 3 arrays."""
+        if not self.offset:
+            return []
+        kv = self._kv.valid(self.offset)
+        arrays = [kv[..., : self.latent_dim], kv[..., self.latent_dim :]]
+        index = [b.valid(self.offset) for b in self._index]
+        if len(index) == 3:
+            codes, scales, biases = index
+            index = [mx.concatenate([codes, mx.view(scales, mx.uint32), mx.view(biases, mx.uint32)], axis=-1)]
+        return arrays + index
 
     @state.setter
     def state(self, arrays):
-        self._latent.data, self._rope.data = arrays[0], arrays[1]
-        if self._index is not None:
-            self._index.data = arrays[2]
+        self.latent_dim = arrays[0].shape[-1]
+        self._kv.data = mx.concatenate([arrays[0], arrays[1]], axis=-1)
+        if self._index and (arrays[2].dtype == mx.uint32) != (len(self._index) == 3):
+            raise ValueError("indexer cache format mismatch: saved with a different index_cache_bits")
+        if len(self._index) == 1:
+            self._index[0].data = arrays[2]
+        elif self._index:
+            packed = arrays[2]  # [B, 1, T, D/4 + 2] uint32
+            parts = (packed[..., :-2], mx.view(packed[..., -2:-1], mx.float32), mx.view(packed[..., -1:], mx.float32))
+            for b, p in zip(self._index, parts):
+                b.data = mx.contiguous(p)
         self.offset = arrays[0].shape[2]
 
     @property
     def meta_state(self):
-        return str(int(self.has_indexer))
+        return f"{int(self.has_indexer)},{self.index_bits or 0}"
 
     @meta_state.setter
     def meta_state(self, v):
-        self.has_indexer = bool(int(v))
+        has, _, bits = str(v).partition(",")
+        self.has_indexer = bool(int(has))
+        self.index_bits = int(bits or 0) or None

@@ -65,6 +65,9 @@ class ModelArgs:
     index_skip_topk_offset: int = 2
     index_topk_pattern: Any = None
     num_nextn_predict_layers: int = 0
+    # Not an HF key: store indexer keys as 8-bit (per-key float32 scale and bias) instead of the
+    # model dtype. Opt-in: it can change the top-k choice (see docs/long_context.md).
+    index_cache_bits: int | None = None
     tie_word_embeddings: bool = False
     eos_token_id: Any = None
     bos_token_id: Any = None
@@ -181,6 +184,10 @@ class ModelArgs:
             bad("qk_rope_head_dim", self.qk_rope_head_dim, f"must be even and <= index_head_dim={self.index_head_dim}")
         if self.index_topk < 1:
             bad("index_topk", self.index_topk, "must be >= 1")
+        if self.index_cache_bits not in (None, 8):
+            bad("index_cache_bits", self.index_cache_bits, "only None (model dtype) or 8 are supported")
+        if self.index_cache_bits and self.index_head_dim not in (32, 64, 128):
+            bad("index_head_dim", self.index_head_dim, "an 8-bit indexer cache needs 32, 64 or 128 (one scale per key)")
         if self.num_nextn_predict_layers not in (0, 1):
             bad("num_nextn_predict_layers", self.num_nextn_predict_layers, "GLM-5.x has one MTP layer; 0 or 1 supported")
         if self.tie_word_embeddings:
@@ -206,7 +213,10 @@ class ModelArgs:
         return (self.kv_lora_rank + self.qk_rope_head_dim) * dtype_bytes
 
     def indexer_bytes_per_token(self, dtype_bytes: int = 2) -> int:
-        """One full-indexer layer's indexer key cache: one index_head_dim key per token."""
+        """One full-indexer layer's indexer key cache: one index_head_dim key per token
+        (8-bit: index_head_dim bytes plus a float32 scale and bias per key)."""
+        if self.index_cache_bits:
+            return self.index_head_dim * self.index_cache_bits // 8 + 2 * 4
         return self.index_head_dim * dtype_bytes
 
     def cache_bytes_per_token(self, dtype_bytes: int = 2, mtp: bool = False) -> int:

@@ -118,7 +118,20 @@ class Model(nn.Module):
     def make_cache(self, mtp: bool = False) -> list[DSACache]:
         """One cache per decoder layer; with mtp=True a last entry for the MTP layer."""
         n = self.args.num_hidden_layers + (1 if mtp and self.has_mtp else 0)
-        return [DSACache(self.args.has_indexer(i)) for i in range(n)]
+        return [DSACache(self.args.has_indexer(i), self.args.index_cache_bits) for i in range(n)]
+
+    def set_index_cache_bits(self, bits: int | None):
+        """Switch the indexer key cache between the model dtype (None) and 8-bit; caches made
+        afterwards follow (existing caches keep their format)."""
+        old, self.args.index_cache_bits = self.args.index_cache_bits, bits
+        try:
+            self.args._validate()
+        except Exception:
+            self.args.index_cache_bits = old
+            raise
+        for layer in self.model.layers:
+            if layer.self_attn.indexer is not None:
+                layer.self_attn.indexer.key_bits = bits
 
     def cache_bytes_per_token(self, mtp: bool = False) -> int:
         """Analytic cache bytes per token in the model's activation dtype (checked against nbytes)."""
