@@ -55,8 +55,13 @@ def run_mlx_lm(path, prompts_ids, max_tokens):
         from mlx_lm.generate import generate_step
 
         model, _ = mlx_lm_load(str(path))
+        if mx.default_device().type == mx.DeviceType.cpu:
+            model.set_dtype(mx.float32)  # the CPU backend's gather_mm needs float32 (as glm_mlx.load does)
     except Exception as e:  # noqa: BLE001 - report why mlx-lm cannot run it, keep benchmarking ours
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"}
+    for ids in prompts_ids[:1]:  # warm-up, as for ours
+        for _ in zip(range(8), generate_step(mx.array(ids), model, max_tokens=8)):
+            pass
     total_tokens, total_time = 0, 0.0
     for ids in prompts_ids:
         gen = generate_step(mx.array(ids), model, max_tokens=max_tokens)

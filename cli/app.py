@@ -53,6 +53,12 @@ app.command(name="serve")(_serve.serve)
 app.command(name="bench")(_bench.bench)
 app.command(name="launch", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(_launch.launch)
 
+from . import convert as _convert  # noqa: E402
+from . import evaluate as _evaluate  # noqa: E402
+
+app.command(name="convert")(_convert.convert)
+app.command(name="eval")(_evaluate.evaluate)
+
 
 def main():
     """Console-script entry point: one error handler around the whole app."""

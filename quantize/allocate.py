@@ -15,6 +15,13 @@ Sensitivity per parameter = usage * role weight:
     MTP layer 0.25 (it only moves draft acceptance, never the output), everything else 1.
 Ties (identical expert layers) step down middle layers first: the first and last layers are
 commonly the most sensitive, so they keep the extra bits.
+
+With calibration data (an imatrix, quantize/imatrix.py) each group's default sensitivity is
+re-weighted by measurement: x (the group's importance-weighted weight energy per parameter,
+sum_j imp_j |W[:, j]|^2 / params, routed experts weighted by the tokens each received) / (the mean
+of that energy over the groups of the same role). A layer whose inputs carry more energy into its
+weights than its peers' gets more bits; roles keep their documented weights. (On glm-mini, with two
+MoE layers, this did not beat the defaults: docs/quantization.md.)
 """
 
 from __future__ import annotations
@@ -60,9 +67,28 @@ class Group:
         return sum(t.numel for t in self.tensors)
 
 
-def sensitivity(args: ModelArgs, g: Group) -> float:
+def sensitivity(args: ModelArgs, g: Group, measured: dict[int, float] | None = None) -> float:
     usage = args.num_experts_per_tok / args.n_routed_experts if g.key.startswith("routed") else 1.0
-    return usage * ROLE_WEIGHT.get(g.key, 1.0)
+    return usage * ROLE_WEIGHT.get(g.key, 1.0) * (measured or {}).get(id(g), 1.0)
+
+
+def measured_factors(gs: list[Group], importance) -> dict[int, float]:
+    """id(group) -> its weight energy per parameter relative to the mean of its role (see above).
+    Groups without measurements (or with none to compare to) keep factor 1."""
+    if importance is None:
+        return {}
+    energy = {}
+    for g in gs:
+        e = [importance.wimp.get(t.module) for t in g.tensors]
+        if all(v is not None for v in e) and g.params:
+            energy[id(g)] = sum(e) / g.params
+    out = {}
+    for key in {g.key for g in gs}:
+        members = [g for g in gs if g.key == key and id(g) in energy]
+        mean = sum(energy[id(g)] for g in members) / max(len(members), 1)
+        for g in members:
+            out[id(g)] = energy[id(g)] / mean if mean > 0 else 1.0
+    return out
 
 
 def groups(args: ModelArgs, mtp: bool = True) -> list[Group]:
@@ -88,14 +114,17 @@ def groups(args: ModelArgs, mtp: bool = True) -> list[Group]:
     return list(out.values())
 
 
-def allocate(args: ModelArgs, budget_bytes: float, mtp: bool = True, ladder=LADDER, name: str = "") -> Recipe:
-    """The recipe whose weights (every tensor, priced exactly) fit `budget_bytes` with least error."""
+def allocate(args: ModelArgs, budget_bytes: float, mtp: bool = True, ladder=LADDER, name: str = "",
+             importance=None) -> Recipe:
+    """The recipe whose weights (every tensor, priced exactly) fit `budget_bytes` with least error;
+    `importance` (an imatrix) replaces the default sensitivities by measured ones."""
     db = model_dtype_bytes(args)
     gs = groups(args, mtp)
+    measured = measured_factors(gs, importance)
     fixed = sum(t.numel * t.dtype_bytes for t in inventory(args, mtp) if not (t.quantizable and t.name.endswith(".weight")))
     cost = [[sum(f.nbytes(t.shape, t.dtype_bytes) if f.fits(t.shape) else t.numel * db for t in g.tensors)
              for f in ladder] for g in gs]
-    err = [[sensitivity(args, g) * g.params * noise(f) for f in ladder] for g in gs]
+    err = [[sensitivity(args, g, measured) * g.params * noise(f) for f in ladder] for g in gs]
     last = args.num_hidden_layers - 1
     edge = [min(g.layer, last - g.layer) if g.layer is not None else 0 for g in gs]  # distance from the ends
     level = [0] * len(gs)
@@ -152,7 +181,9 @@ def _to_recipe(gs: list[Group], fmts: list[Format], name: str) -> Recipe:
     return Recipe(default, rules + rest, name)
 
 
-def error_of(args: ModelArgs, recipe: Recipe, mtp: bool = True) -> float:
+def error_of(args: ModelArgs, recipe: Recipe, mtp: bool = True, importance=None) -> float:
     """The same error proxy for any recipe, to compare a mixed recipe with a uniform one."""
     res = resolve(args, recipe, mtp)
-    return sum(sensitivity(args, g) * t.numel * noise(res.formats[t.module]) for g in groups(args, mtp) for t in g.tensors)
+    gs = groups(args, mtp)
+    measured = measured_factors(gs, importance)
+    return sum(sensitivity(args, g, measured) * t.numel * noise(res.formats[t.module]) for g in gs for t in g.tensors)

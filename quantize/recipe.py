@@ -5,8 +5,11 @@ wins. A rule matches by `match` (an fnmatch glob over the module path, e.g.
 "model.layers.*.mlp.switch_mlp.down_proj") and/or `component` (see inventory.COMPONENTS; "MTP"
 matches every tensor of the MTP layer). JSON:
 
-    {"name": "...", "default": "affine4g64",
+    {"name": "...", "default": "affine4g64", "method": "iq",
      "rules": [{"component": "routed experts", "match": "*.down_proj", "format": "affine4g128"}]}
+
+`method` (optional, default "rtn") is how the converter rounds: "rtn" is plain `mx.quantize`, "iq"
+importance-weighted (quantize/quantizer.py); it does not change any size.
 
 Never quantized whatever the recipe says: norms (incl. the indexer's k_norm LayerNorm), the
 router `mlp.gate.weight` (kept in the model dtype) and `e_score_correction_bias` (float32);
@@ -29,6 +32,7 @@ from .inventory import COMPONENTS, MTP, ROUTER, Tensor, inventory, model_dtype_b
 
 # Keys of an mlx-lm quantization dict that are global settings, not module paths.
 _GLOBAL_KEYS = {"group_size", "bits", "mode", "quant_method", "global_scale"}
+METHODS = ("rtn", "iq")
 
 
 class RecipeError(GlmMlxError):
@@ -70,6 +74,8 @@ class Recipe:
     rules: list[Rule] = field(default_factory=list)
     name: str = ""
     description: str = ""
+    # How the converter rounds: "rtn" (mx.quantize) or "iq" (importance-weighted, quantize/quantizer.py).
+    method: str = "rtn"
 
     def format_for(self, t: Tensor) -> Format:
         return self.rule_for(t)[1]
@@ -89,6 +95,8 @@ class Recipe:
     # --- JSON --------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = {"name": self.name, "default": self.default.name, "rules": [r.to_dict() for r in self.rules]}
+        if self.method != "rtn":
+            d["method"] = self.method
         return {**d, "description": self.description} if self.description else d
 
     @classmethod
@@ -102,7 +110,10 @@ class Recipe:
                     raise RecipeError(f"{source}: rule {i} needs \"format\" and \"match\" and/or \"component\"")
                 comp = _component(r["component"]) if r.get("component") is not None else None
                 rules.append(Rule(parse_format(r["format"]), r.get("match"), comp))
-            return cls(parse_format(d["default"]), rules, str(d.get("name", "")), str(d.get("description", "")))
+            method = str(d.get("method", "rtn"))
+            if method not in METHODS:
+                raise RecipeError(f"{source}: method must be one of {', '.join(METHODS)}, not {method!r}")
+            return cls(parse_format(d["default"]), rules, str(d.get("name", "")), str(d.get("description", "")), method)
         except FormatError as e:
             raise RecipeError(f"{source}: {e}") from None
 

@@ -1,0 +1,406 @@
+"""Streaming converter: an HF checkpoint folder (BF16/FP32, or FP8 with `weight_scale_inv`) -> an MLX
+folder that glm_mlx and mlx-lm load, without ever holding more than a block of one tensor.
+
+Everything is planned from config.json + recipe before a byte is written: the output tensors are the
+inventory (the model's own names: stacked experts, kv_b_proj split into embed_q / unembed_out), each
+priced by the one format table, packed in order into shards of at most `shard_size` bytes whose
+safetensors headers are therefore known up front. Each shard is written piece by piece at its planned
+offsets (an expert, or a block of rows: quantization groups never cross rows) into `<shard>.tmp`,
+synced and renamed; a rerun with the same arguments skips the shards already renamed and, the work
+being deterministic, writes the same bytes. `manifest.json` is written last: its presence marks a
+finished conversion, which is never overwritten without `force`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+
+from glm_mlx.config import ModelArgs
+from glm_mlx.errors import GlmMlxError
+
+from .formats import Format
+from .imatrix import Importance
+from .inventory import Tensor, inventory
+from .planner import price
+from .quantizer import quantize
+from .recipe import Recipe, quantization_config, resolve
+from .progress import Bars, fmt_bytes, free_bytes
+from .source import MX_NAME, Source, ShardWriter, layout, read_header
+
+WORK = ".glm-mlx-convert"  # plan, imatrix, and (--stream) source shards of a conversion in progress
+MANIFEST = "manifest.json"
+SHARD_SIZE = 5 * 10**9
+BLOCK_ELEMS = 1 << 22  # elements per quantized block of rows (~16 MB of float32)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json", "added_tokens.json", "vocab.json", "merges.txt")
+_DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+_IGNORED = ("_scale_inv", ".input_scale", "rotary_emb.inv_freq")
+
+
+class ConvertError(GlmMlxError):
+    """The conversion cannot start or did not produce what was planned."""
+
+    hint = "Check the arguments; re-running the same command resumes an interrupted conversion."
+
+
+class DiskSpaceError(ConvertError):
+    hint = "Free disk space or write to another disk; finished shards of an interrupted run are kept."
+
+
+@dataclass
+class Item:
+    """One output tensor: its format (None = stored unquantized), the arrays it becomes, its sources."""
+
+    t: Tensor
+    fmt: Format | None
+    arrays: list[tuple[str, str, tuple[int, ...], int]]  # (name, safetensors dtype, shape, bytes)
+    sources: list[str]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a[3] for a in self.arrays)
+
+
+@dataclass
+class Shard:
+    name: str
+    items: list[Item]
+    header: bytes = b""
+    offsets: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + sum(i.nbytes for i in self.items)
+
+
+@dataclass
+class Plan:
+    args: ModelArgs
+    recipe: Recipe
+    mtp: bool
+    dtype: object
+    shards: list[Shard]
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(i.nbytes for s in self.shards for i in s.items)
+
+    @property
+    def file_bytes(self) -> int:
+        return sum(s.size for s in self.shards)
+
+
+def source_names(args: ModelArgs, t: Tensor) -> list[str]:
+    """The HF checkpoint tensors an output tensor is made from."""
+    if ".mlp.switch_mlp." in t.name:
+        return [t.name.replace(".switch_mlp.", f".experts.{e}.") for e in range(args.n_routed_experts)]
+    if t.name.endswith((".embed_q.weight", ".unembed_out.weight")):
+        return [t.name.rsplit(".", 2)[0] + ".kv_b_proj.weight"]
+    return [t.name]
+
+
+def _entry_bound(array) -> int:
+    """Most header bytes one array's entry takes (offsets counted at 13 digits): files stay <= shard_size."""
+    name, dtype, shape, _ = array
+    return len(json.dumps({name: {"dtype": dtype, "shape": list(shape), "data_offsets": [10**12, 10**12]}}))
+
+
+def make_plan(args: ModelArgs, recipe: Recipe, mtp: bool, shard_size: int = SHARD_SIZE) -> Plan:
+    dtype = _DTYPES.get(str(args.extra.get("dtype") or args.extra.get("torch_dtype") or "bfloat16"), mx.bfloat16)
+    tensors = inventory(args, mtp)
+    res = resolve(args, recipe, mtp, tensors)
+    items = []
+    for t in tensors:
+        fmt = res.formats.get(t.module) if t.quantizable and t.name.endswith(".weight") else None
+        if fmt is not None and fmt.quantized:
+            arrays = [(f"{t.module}.{suffix}", "U32" if suffix == "weight" else MX_NAME[dtype] if fmt.mode == "affine" else "U8",
+                       shape, math.prod(shape) * esize) for suffix, (shape, esize) in fmt.arrays(t.shape, t.dtype_bytes).items()]
+        else:
+            fmt = None
+            name = "F32" if t.dtype_bytes == 4 else MX_NAME[dtype]
+            arrays = [(t.name, name, t.shape, t.numel * t.dtype_bytes)]
+        items.append(Item(t, fmt, arrays, source_names(args, t)))
+    groups, cur, size = [], [], 64  # 64: the header's length prefix, metadata and padding
+    for it in items:  # greedy, in inventory order: a tensor never spans two shards
+        need = it.nbytes + sum(_entry_bound(a) for a in it.arrays)
+        if cur and size + need > shard_size:
+            groups.append(cur)
+            cur, size = [], 64
+        cur.append(it)
+        size += need
+    groups.append(cur)
+    shards = []
+    for i, g in enumerate(groups):
+        s = Shard(f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors", g)
+        s.header, s.offsets = layout([a for it in g for a in it.arrays])
+        shards.append(s)
+    plan = Plan(args, recipe, mtp, dtype, shards)
+    predicted = price(args, recipe, mtp).total
+    if plan.tensor_bytes != predicted:  # one format table prices both: a mismatch is a bug
+        raise ConvertError(f"planned {plan.tensor_bytes:,} bytes of tensors but the planner predicts {predicted:,}")
+    return plan
+
+
+def check_source(source: Source, plan: Plan) -> None:
+    """Every tensor the plan needs is in the checkpoint, and nothing is left over unexplained."""
+    n = plan.args.num_hidden_layers
+    needed = {s for sh in plan.shards for it in sh.items for s in it.sources}
+    missing = sorted(needed - set(source.weight_map))
+    if missing:
+        raise ConvertError(f"missing tensor {missing[0]} in {source.folder}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""),
+                           "The checkpoint does not match its config.json, or the download is incomplete.")
+    for k in source.weight_map:
+        parts = k.split(".")
+        layer = int(parts[2]) if k.startswith("model.layers.") else None
+        if k in needed or k.endswith(_IGNORED) or (layer is not None and (layer > n or (layer == n and not plan.mtp))):
+            continue
+        if layer == n and (".embed_tokens." in k or ".shared_head.head." in k):
+            continue  # the MTP layer's copies of the shared embedding and head
+        raise ConvertError(f"unexpected tensor {k} in {source.folder}", "The checkpoint does not match its config.json.")
+
+
+def check_importance(plan: Plan, importance: Importance | None) -> None:
+    """An imatrix made for another model would broadcast wrongly: refuse it by name."""
+    for it in (it for s in plan.shards for it in s.items if importance is not None and it.fmt is not None):
+        imp = importance.get(it.t.module)
+        lead = it.t.shape[:-2] if len(it.t.shape) == 3 else ()
+        if imp is not None and tuple(imp.shape) not in ((it.t.shape[-1],), (*lead, it.t.shape[-1])):
+            raise ConvertError(f"the importance matrix has shape {list(imp.shape)} for {it.t.module}, "
+                               f"which has input width {it.t.shape[-1]}", "Calibrate on this model (--calibration TEXT).")
+
+
+def mtp_in_source(args: ModelArgs, weight_map) -> bool:
+    prefix = f"model.layers.{args.num_hidden_layers}."
+    return bool(args.num_nextn_predict_layers) and any(k.startswith(prefix) for k in weight_map)
+
+
+# --- producing the bytes ----------------------------------------------------------------------------------
+def pieces(item: Item, source: Source, args: ModelArgs, importance: Importance | None, block_elems: int):
+    """(first row, float32 rows, importance of their input channels) covering the tensor in row order;
+    rows are counted over all leading dims (expert e's row r is row e * out + r)."""
+    t = item.t
+    imp = importance.get(t.module) if importance is not None else None
+    if t.name.endswith((".embed_q.weight", ".unembed_out.weight")):
+        N, H, C = args.qk_nope_head_dim, args.num_attention_heads, args.kv_lora_rank
+        w = source.read(item.sources[0]).reshape(H, N + args.v_head_dim, C)
+        w = w[:, :N, :].swapaxes(-1, -2) if ".embed_q." in t.name else w[:, N:, :]  # [H, C, N] / [H, V, C]
+        for h in range(H):
+            yield h * t.shape[1], mx.contiguous(w[h]), None if imp is None else imp[h]
+        return
+    if len(t.shape) < 2:
+        yield 0, source.read(item.sources[0]), None
+        return
+    rows, width = t.shape[-2], t.shape[-1]
+    step = max(128, block_elems // width // 128 * 128)  # a multiple of 128: FP8 scale blocks stay whole
+    for e, name in enumerate(item.sources):
+        for a in range(0, rows, step):
+            b = min(rows, a + step)
+            yield e * rows + a, source.read(name, (a, b)), None if imp is None else (imp[e] if imp.ndim == 2 else imp)
+
+
+def write_item(writer: ShardWriter, shard: Shard, item: Item, source: Source, plan: Plan, importance, method: str,
+               block_elems: int, advance=None) -> None:
+    total_rows = {name: max(1, math.prod(shape[:-1])) for name, _, shape, _ in item.arrays}
+    by_suffix = {name.rsplit(".", 1)[1]: (name, nbytes // total_rows[name]) for name, _, _, nbytes in item.arrays}
+    for row, block, imp in pieces(item, source, plan.args, importance, block_elems):
+        if item.fmt is None:
+            out = {"weight": block.astype(mx.float32 if item.arrays[0][1] == "F32" else plan.dtype)}
+        else:
+            out = quantize(block, item.fmt, imp, method=method, dtype=plan.dtype)
+        mx.eval(out)
+        for suffix, arr in out.items():
+            name, row_bytes = by_suffix[suffix if item.fmt is not None else item.t.name.rsplit(".", 1)[1]]
+            n = writer.write(shard.offsets[name][0] + row * row_bytes, arr)
+            if advance:
+                advance(n)
+        del out, block
+    mx.clear_cache()
+
+
+# --- state of the output folder ------------------------------------------------------------------------------
+def fingerprint(source: Source, plan: Plan, method: str, importance_key: str | None, block_elems: int, origin=None) -> dict:
+    """What decides the output bytes: a rerun resumes only when this is unchanged."""
+    files = origin or {f: (source.folder / f).stat().st_size for f in source.files()}
+    return {"version": 1, "source": files, "recipe": plan.recipe.to_dict(), "method": method, "mtp": plan.mtp,
+            "imatrix": importance_key, "block_elems": block_elems, "shards": [[s.name, s.size] for s in plan.shards]}
+
+
+def prepare_output(dst: Path, fp: dict, plan: Plan, force: bool) -> list[Shard]:
+    """Create or reuse dst; return the shards still to write."""
+    work = dst / WORK
+    if (dst / MANIFEST).exists() and not force:
+        raise ConvertError(f"{dst} already holds a finished conversion", "Pass --force to overwrite it, or choose another folder.")
+    if force:
+        _remove_ours(dst)
+    elif work.exists():
+        try:
+            old = json.loads((work / "plan.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if old is not None and old != fp:
+            raise ConvertError(f"{dst} holds an unfinished conversion started with other arguments (or another source)",
+                               "Re-run it with the same arguments to resume, or pass --force to start over.")
+    elif dst.exists() and any(not p.name.startswith(".glm-mlx") for p in dst.iterdir()):
+        raise ConvertError(f"{dst} is not empty and holds no glm-mlx conversion", "Choose a new or empty folder (or --force).")
+    for tmp in dst.glob("*.tmp"):  # a killed run's half-written shard
+        tmp.unlink()
+    todo = []
+    for s in plan.shards:
+        p = dst / s.name
+        if p.exists() and p.stat().st_size == s.size:
+            continue
+        p.unlink(missing_ok=True)
+        todo.append(s)
+    return todo
+
+
+def _remove_ours(dst: Path) -> None:
+    for p in [*dst.glob("model-*-of-*.safetensors"), *dst.glob("*.tmp")]:
+        p.unlink()
+    for name in (MANIFEST, "model.safetensors.index.json", "recipe.json", "imatrix.safetensors"):
+        (dst / name).unlink(missing_ok=True)
+    shutil.rmtree(dst / WORK, ignore_errors=True)
+
+
+def check_disk(dst: Path, todo: list[Shard], plan: Plan, extra: int = 0) -> None:
+    need = sum(s.size for s in todo) + extra
+    free = free_bytes(dst)
+    if need > free:
+        done = plan.file_bytes - sum(s.size for s in todo)
+        more = f" (+ {fmt_bytes(extra)} of source shards)" if extra else ""
+        raise DiskSpaceError(f"not enough disk space in {dst}: the conversion needs {fmt_bytes(need)} more{more}, "
+                             f"only {fmt_bytes(free)} free (output {fmt_bytes(plan.file_bytes)}, {fmt_bytes(done)} already written)")
+
+
+# --- finishing --------------------------------------------------------------------------------------------
+def write_metadata(src: Path, dst: Path, plan: Plan, fp: dict, importance: Importance | None) -> None:
+    config = json.loads((src / "config.json").read_text())
+    config.pop("quantization_config", None)  # the source's (e.g. FP8) scheme no longer applies
+    config.pop("quantization", None)
+    q = quantization_config(plan.args, plan.recipe, plan.mtp)
+    if q is not None:
+        config["quantization"] = config["quantization_config"] = q  # mlx-lm writes both
+    (dst / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copyfile(src / name, dst / name)
+    weight_map = {a[0]: s.name for s in plan.shards for it in s.items for a in it.arrays}
+    index = {"metadata": {"total_size": plan.tensor_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    plan.recipe.save(dst / "recipe.json")
+    if importance is not None:
+        importance.save(dst / "imatrix.safetensors")
+
+
+def write_manifest(dst: Path, plan: Plan, fp: dict, importance: Importance | None) -> None:
+    """Written last: its presence marks a finished, verified conversion."""
+    manifest = {"format": "glm-mlx conversion", "version": 1, "recipe": plan.recipe.to_dict(), "method": fp["method"],
+                "mtp": plan.mtp, "source": fp["source"], "tensor_bytes": plan.tensor_bytes, "file_bytes": plan.file_bytes,
+                "shards": [{"name": s.name, "bytes": s.size, "tensors": sum(len(i.arrays) for i in s.items)} for s in plan.shards],
+                "imatrix": None if importance is None else {"tokens": importance.tokens, "key": fp["imatrix"],
+                                                            "defaults": importance.defaults}}
+    (dst / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+
+def verify(dst: Path, plan: Plan) -> int:
+    """Every planned array present with its dtype and shape; total bytes == the planner's; it loads."""
+    from glm_mlx.loading import load_model
+
+    total = 0
+    for s in plan.shards:
+        found = read_header(dst / s.name)
+        want = {a[0]: a for it in s.items for a in it.arrays}
+        if set(found) != set(want):
+            odd = sorted(set(found) ^ set(want))[0]
+            raise ConvertError(f"{s.name}: tensor {odd} is {'missing' if odd in want else 'unexpected'}")
+        for name, e in found.items():
+            if (e.dtype, e.shape) != (want[name][1], tuple(want[name][2])):
+                raise ConvertError(f"{s.name}: {name} is {e.dtype}{list(e.shape)}, planned {want[name][1]}{list(want[name][2])}")
+            total += e.end - e.start
+    predicted = price(plan.args, plan.recipe, plan.mtp).total
+    if total != predicted:
+        raise ConvertError(f"wrote {total:,} bytes of tensors, the planner predicted {predicted:,}")
+    load_model(dst, lazy=True, mtp=plan.mtp)
+    return total
+
+
+@dataclass
+class Result:
+    path: Path
+    plan: Plan
+    written: list[str]  # shards written by this run (the rest were already there)
+    tensor_bytes: int
+
+
+def importance_key(text: bytes, params: dict) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode() + text).hexdigest()[:16]
+
+
+def convert(src, dst, recipe: Recipe, *, importance: Importance | None = None, importance_id: str | None = None,
+            method: str | None = None, shard_size: int = SHARD_SIZE, force: bool = False, progress: bool = False,
+            fetcher=None, block_elems: int = BLOCK_ELEMS) -> Result:
+    """Convert the HF checkpoint folder `src` into the MLX folder `dst` under `recipe`.
+
+    `importance` (quantize.imatrix) feeds the "iq" method; `importance_id` identifies it for resuming.
+    `method` defaults to the recipe's. `fetcher` (quantize.stream) provides source shards on demand
+    and deletes them once no later shard needs them. Re-running after an interruption resumes.
+    """
+    dst = Path(dst).expanduser()
+    recipe = dataclasses.replace(recipe, method=method or recipe.method)  # recipe.json records the rounding
+    method = recipe.method
+    source = Source(Path(src)) if fetcher is None else fetcher.source
+    if source.config.get("quantization"):
+        raise ConvertError(f"{source.folder} is already an MLX-quantized checkpoint",
+                           "Convert from the original HF checkpoint (BF16 or FP8).")
+    args = ModelArgs.from_dict(source.config)
+    plan = make_plan(args, recipe, mtp_in_source(args, source.weight_map), shard_size)
+    check_source(source, plan)
+    check_importance(plan, importance)
+    fp = fingerprint(source, plan, method, importance_id, block_elems, fetcher.origin if fetcher else None)
+    todo = prepare_output(dst, fp, plan, force)
+    check_disk(dst, todo, plan, fetcher.peak_bytes(todo) if fetcher else 0)
+    (dst / WORK).mkdir(parents=True, exist_ok=True)
+    (dst / WORK / "plan.json").write_text(json.dumps(fp, indent=1))
+    written = []
+    with Bars(progress, plan.file_bytes, plan.file_bytes - sum(s.size for s in todo), dst.name) as bars:
+        for i, shard in enumerate(todo):
+            if fetcher is not None:
+                fetcher.ensure(shard_sources(shard, source), log=bars.log)
+            writer = ShardWriter(dst / shard.name, shard.header, shard.size)
+            task = bars.start(shard.name, shard.size, len(shard.header))
+            try:
+                for item in shard.items:
+                    write_item(writer, shard, item, source, plan, importance, method, block_elems,
+                               lambda n: bars.advance(task, n))
+                writer.finish()
+            except BaseException:
+                writer.abort()
+                raise
+            bars.finish(task)
+            written.append(shard.name)
+            if fetcher is not None:
+                later = set().union(*(shard_sources(s, source) for s in todo[i + 1:]))
+                fetcher.release(shard_sources(shard, source) - later)
+    write_metadata(source.folder, dst, plan, fp, importance)
+    total = verify(dst, plan)
+    write_manifest(dst, plan, fp, importance)
+    if fetcher is not None:
+        fetcher.cleanup()
+    shutil.rmtree(dst / WORK, ignore_errors=True)
+    return Result(dst, plan, written, total)
+
+
+def shard_sources(shard: Shard, source: Source) -> set[str]:
+    """The source files an output shard reads (FP8 scales included)."""
+    names = {n for it in shard.items for n in it.sources}
+    names |= {n + "_scale_inv" for n in names if n + "_scale_inv" in source.weight_map}
+    return {source.weight_map[n] for n in names}

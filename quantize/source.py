@@ -1,0 +1,190 @@
+"""Safetensors without loading whole files: headers, row ranges of one tensor, and a shard writer
+whose layout is fixed up front (so tensors can be written piece by piece, in any order).
+
+Reading goes through plain file reads at the header's offsets, so memory holds only the rows
+asked for; FP8 (float8_e4m3 + `weight_scale_inv` 128x128 block scales) is dequantized per row block.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from glm_mlx.errors import CheckpointError
+from glm_mlx.loading import INDEX_FILE, read_config
+from glm_mlx.sanitize import FP8_BLOCK, dequantize_fp8
+
+# safetensors dtype -> (numpy dtype holding the raw bytes, bytes per element)
+RAW = {"BF16": (np.uint16, 2), "F16": (np.float16, 2), "F32": (np.float32, 4), "F8_E4M3": (np.uint8, 1),
+       "U8": (np.uint8, 1), "U32": (np.uint32, 4), "I32": (np.int32, 4)}
+MX_NAME = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint8: "U8", mx.uint32: "U32"}
+
+
+@dataclass(frozen=True)
+class Entry:
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offsets in the file
+    end: int
+
+
+def read_header(path: Path) -> dict[str, Entry]:
+    """Tensor entries of one safetensors file; CheckpointError naming the shard if it is damaged."""
+    def bad(why):
+        return CheckpointError(f"corrupt shard {path.name}: {why}", "Delete the shard and download it again.")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise bad("shorter than a safetensors header")
+            n = struct.unpack("<Q", head)[0]
+            if n > min(size - 8, 100 << 20):
+                raise bad("header length is larger than the file")
+            meta = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise bad("header is not valid JSON") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"missing shard {path.name} in {path.parent}") from None
+    out = {}
+    for name, e in meta.items():
+        if name == "__metadata__":
+            continue
+        try:
+            a, b = e["data_offsets"]
+            entry = Entry(path.name, e["dtype"], tuple(int(s) for s in e["shape"]), 8 + n + a, 8 + n + b)
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"entry {name} is malformed") from None
+        if entry.dtype not in RAW:
+            raise bad(f"tensor {name} has unsupported dtype {entry.dtype}")
+        if entry.end - entry.start != int(np.prod(entry.shape, dtype=np.int64)) * RAW[entry.dtype][1]:
+            raise bad(f"tensor {name} has {entry.end - entry.start} bytes for shape {list(entry.shape)}")
+        if entry.end > size:
+            raise bad(f"truncated ({size:,} bytes, tensor {name} ends at {entry.end:,})")
+        out[name] = entry
+    return out
+
+
+class Source:
+    """An HF checkpoint folder (index or *.safetensors); headers are read when a shard is first used."""
+
+    def __init__(self, folder: Path, weight_map: dict[str, str] | None = None):
+        self.folder = Path(folder)
+        self.config = read_config(self.folder)
+        if weight_map is None:
+            weight_map = source_weight_map(self.folder)
+        self.weight_map = weight_map
+        self._headers: dict[str, dict[str, Entry]] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def files(self) -> list[str]:
+        return sorted(set(self.weight_map.values()))
+
+    def header(self, file: str) -> dict[str, Entry]:
+        if file not in self._headers:
+            self._headers[file] = read_header(self.folder / file)
+        return self._headers[file]
+
+    def entry(self, name: str) -> Entry:
+        if name not in self.weight_map:
+            raise CheckpointError(f"missing tensor {name} in {self.folder}", "The checkpoint does not match its config.json.")
+        entries = self.header(self.weight_map[name])
+        if name not in entries:
+            raise CheckpointError(f"tensor {name} is not in {self.weight_map[name]} as the index says",
+                                  "Re-download the checkpoint: its index and shards disagree.")
+        return entries[name]
+
+    def forget(self, file: str) -> None:
+        self._headers.pop(file, None)
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> mx.array:
+        """float32 rows [a, b) of a tensor (all of it when rows is None), FP8 dequantized."""
+        e = self.entry(name)
+        a, b = rows or (0, e.shape[0] if e.shape else 1)
+        width = int(np.prod(e.shape[1:], dtype=np.int64)) if len(e.shape) > 1 else (1 if e.shape else 1)
+        np_dtype, esize = RAW[e.dtype]
+        with open(self.folder / e.file, "rb") as f:
+            f.seek(e.start + a * width * esize)
+            raw = np.fromfile(f, dtype=np_dtype, count=(b - a) * width)
+        if raw.size != (b - a) * width:
+            raise CheckpointError(f"corrupt shard {e.file}: tensor {name} is cut short", "Delete the shard and download it again.")
+        shape = ((b - a),) + e.shape[1:] if e.shape else ()
+        arr = mx.array(raw).reshape(shape)
+        if e.dtype == "BF16":
+            arr = arr.view(mx.bfloat16)
+        elif e.dtype == "F8_E4M3":
+            scale = self.weight_map.get(name + "_scale_inv") and self.read(name + "_scale_inv")
+            if scale is None:
+                return mx.from_fp8(arr, dtype=mx.float32)
+            if a % FP8_BLOCK:
+                raise ValueError("FP8 row blocks must start at a multiple of 128")
+            return dequantize_fp8(arr, scale[a // FP8_BLOCK: -(-b // FP8_BLOCK)])
+        return arr.astype(mx.float32)
+
+
+def source_weight_map(folder: Path) -> dict[str, str]:
+    """Tensor name -> shard file, from the index or (no index) from the shards' headers."""
+    index = folder / INDEX_FILE
+    if index.exists():
+        try:
+            return dict(json.loads(index.read_text())["weight_map"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is unreadable ({e})") from None
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors weights in {folder}", "Pass the folder of an HF checkpoint.")
+    return {name: f.name for f in files for name in read_header(f)}
+
+
+# --- writing -------------------------------------------------------------------------------------------
+def layout(arrays: list[tuple[str, str, tuple[int, ...], int]]) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """(name, dtype, shape, nbytes) in file order -> (the header bytes incl. its length prefix,
+    name -> absolute (start, end)). Deterministic: same arrays, same bytes."""
+    meta, offsets, pos = {"__metadata__": {"format": "mlx"}}, {}, 0
+    for name, dtype, shape, nbytes in arrays:
+        meta[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        offsets[name] = (pos, pos + nbytes)
+        pos += nbytes
+    text = json.dumps(meta, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    head = struct.pack("<Q", len(text)) + text
+    return head, {k: (len(head) + a, len(head) + b) for k, (a, b) in offsets.items()}
+
+
+class ShardWriter:
+    """Writes one shard to `<final>.tmp` at planned offsets; `finish` syncs and renames it."""
+
+    def __init__(self, final: Path, header: bytes, size: int):
+        self.final, self.tmp = final, final.with_name(final.name + ".tmp")
+        self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.pwrite(self.fd, header, 0)
+        os.ftruncate(self.fd, size)
+
+    def write(self, offset: int, arr: mx.array) -> int:
+        data = memoryview(np.ascontiguousarray(_raw(arr))).cast("B")
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self.fd, data[done:], offset + done)
+        return done
+
+    def finish(self) -> None:
+        os.fsync(self.fd)
+        os.close(self.fd)
+        os.replace(self.tmp, self.final)  # atomic: a shard under its final name is complete
+
+    def abort(self) -> None:
+        os.close(self.fd)
+
+
+def _raw(arr: mx.array) -> mx.array:
+    """The same bytes as a dtype numpy can hold (bfloat16 -> uint16)."""
+    return arr.view(mx.uint16) if arr.dtype == mx.bfloat16 else arr
