@@ -51,6 +51,10 @@ class Engine:
         self.num_draft = max(1, num_draft)
         self.prefill_step = prefill_step
 
+    def _history(self, tokens: list[int]) -> mx.array | None:
+        """The token history for logits processors; None (no O(context) copy) when there are none."""
+        return mx.array(tokens) if self.sampler.processors else None
+
     def new_cache(self) -> PromptCache:
         return PromptCache.fresh(self.model, mtp=self.mtp)
 
@@ -98,8 +102,7 @@ class Engine:
         if hasattr(self.model, "on_generate"):  # pipeline leader: followers replay this call
             self.model.on_generate(prompt, pc, max_tokens, self)
         logits = self.prefill(pc, prompt, stats)
-        history = mx.array(prompt)
-        y = self.sampler.sample(self.sampler.process(history, logits[None]))[0].item()
+        y = self.sampler.sample(self.sampler.process(self._history(prompt), logits[None]))[0].item()
         start = time.perf_counter()
         stats.generated, stats.main_passes = 1, 0
         yield y
@@ -111,7 +114,7 @@ class Engine:
     def _decode_plain(self, pc, y, max_tokens, stats, start):
         def step(tok):
             logits = self._forward(pc, [tok])[0, -1:]
-            nxt = self.sampler.sample(self.sampler.process(mx.array(pc.tokens), logits))[0]
+            nxt = self.sampler.sample(self.sampler.process(self._history(pc.tokens), logits))[0]
             mx.async_eval(nxt)  # overlap the next step's graph building with this evaluation
             return nxt
 
@@ -133,13 +136,13 @@ class Engine:
         Draft slots written by later steps are trimmed after verification.
         """
         drafts, logits_all = [], []
-        hist = mx.array(pc.tokens + [y])
+        hist = self._history(pc.tokens + [y])
         hidden = pc.pending
         toks = mx.array([pc.tokens[pc.mtp_cache.offset + 1 :] + [y]])
         for _ in range(self.num_draft):
             logits, hidden = self.model.mtp_logits(hidden, toks, pc.mtp_cache)
             hidden = hidden[:, -1:]
-            logits = self.sampler.process(mx.concatenate([hist, *drafts]), logits[0, -1:])
+            logits = self.sampler.process(hist if hist is None else mx.concatenate([hist, *drafts]), logits[0, -1:])
             tok = self.sampler.sample(logits)  # [1]
             drafts.append(tok)
             logits_all.append(logits)
@@ -156,9 +159,9 @@ class Engine:
             inputs = mx.concatenate([mx.array([y]), *draft_arrays])
             logits, hidden = self.model(inputs[None], cache=pc.cache, return_hidden=True)
             stats.main_passes += 1
-            hist = mx.array(pc.tokens + [y])
-            target = mx.concatenate([self.sampler.process(mx.concatenate([hist, *draft_arrays[:j]]), logits[0, j : j + 1])
-                                     for j in range(k + 1)], axis=0)
+            hist = self._history(pc.tokens + [y])
+            target = mx.concatenate([self.sampler.process(hist if hist is None else mx.concatenate([hist, *draft_arrays[:j]]),
+                                                          logits[0, j : j + 1]) for j in range(k + 1)], axis=0)
             drafts = inputs[1:].tolist()
             a, nxt = speculative_accept(self.sampler, target, draft_logits, drafts)
             stats.drafted += k

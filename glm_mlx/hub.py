@@ -38,6 +38,7 @@ from huggingface_hub.utils import WeakFileLock, build_hf_headers, filter_repo_ob
 from tqdm.auto import tqdm
 
 from .errors import GlmMlxError
+from .progress import TransferBars
 
 RESUME_HINT = "Re-run the same command: finished files and partial downloads are kept and it resumes."
 
@@ -257,7 +258,7 @@ class _Layout:
         return min(_size(self.partial(e.etag)), e.size) if e.lfs else 0
 
 
-def _fetch_weight(repo_id: str, e: _Entry, layout: _Layout, bars: _Bars, cancel: threading.Event) -> None:
+def _fetch_weight(repo_id: str, e: _Entry, layout: _Layout, bars: TransferBars, cancel: threading.Event) -> None:
     """Download one LFS file into its final place, continuing a partial file from an earlier run."""
     url = hf_hub_url(repo_id, e.path, revision=layout.commit)
     headers = build_hf_headers()
@@ -292,42 +293,6 @@ def _fetch_weight(repo_id: str, e: _Entry, layout: _Layout, bars: _Bars, cancel:
         os.replace(partial, final)
 
 
-class _Bars:
-    """Rich progress on stderr: a total bar (bytes, speed, ETA) and one line per file in flight."""
-
-    def __init__(self, enabled: bool, total: int, done: int, label: str):
-        from rich import progress as rp
-        from rich.console import Console
-
-        columns = (rp.TextColumn("{task.description}"), rp.BarColumn(), rp.DownloadColumn(),
-                   rp.TransferSpeedColumn(), rp.TextColumn("ETA"), rp.TimeRemainingColumn())
-        self.progress = rp.Progress(*columns, console=Console(stderr=True), disable=not enabled)
-        self.total, self.size = self.progress.add_task(label, total=total, completed=done), total
-
-    def __enter__(self):
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.progress.stop()
-
-    def log(self, message: str) -> None:
-        if not self.progress.disable:
-            self.progress.console.print(message, highlight=False, soft_wrap=True)
-
-    def start(self, name: str, size: int, have: int):
-        return self.progress.add_task(f"  {name}", total=size, completed=have)
-
-    def advance(self, task, n: int) -> None:
-        self.progress.advance(task, n)
-        self.progress.advance(self.total, n)
-
-    def finish(self, task) -> None:
-        self.progress.remove_task(task)
-
-    def complete(self) -> None:
-        self.progress.update(self.total, completed=self.size)
-
 
 def download_repo(repo_id: str, revision: str | None = None, include=None, exclude=None,
                   local_dir: str | Path | None = None, progress: bool = True,
@@ -341,7 +306,7 @@ def download_repo(repo_id: str, revision: str | None = None, include=None, exclu
     check_disk(entries, layout.target, done=have)
     todo = [e for e in entries if e.lfs and done[e.path] < e.size]
     cancel = threading.Event()
-    with _Bars(progress, total, have, f"{repo_id}@{commit[:8]}") as bars, hub_errors(repo_id, revision):
+    with TransferBars(progress, total, have, f"{repo_id}@{commit[:8]}") as bars, hub_errors(repo_id, revision):
         bars.log(f"Downloading {repo_id}@{commit[:8]}: {len(entries)} files, {fmt_bytes(total)}"
                  f" ({fmt_bytes(have)} already here) -> {layout.target}")
         if todo:

@@ -159,3 +159,15 @@ def test_sampling_is_seeded(model):
     a = list(Engine(model, SamplingParams(temp=0.8, top_p=0.9, seed=7), mtp=True).generate(PROMPT, max_tokens=15))
     b = list(Engine(model, SamplingParams(temp=0.8, top_p=0.9, seed=7), mtp=True).generate(PROMPT, max_tokens=15))
     assert a == b
+
+
+def test_repetition_penalty_mtp_equals_plain(model, monkeypatch):
+    """Logits processors see the same history (drafts included) with and without MTP."""
+    params = SamplingParams(repetition_penalty=1.5)
+    expected = list(Engine(model, params, mtp=False).generate(PROMPT, max_tokens=60))
+    assert expected != plain(model, PROMPT, 60)  # the penalty changes the output
+    oracle_drafter(model, monkeypatch, PROMPT + expected)
+    stats = StepStats()
+    got = list(Engine(model, SamplingParams(repetition_penalty=1.5), mtp=True, num_draft=2).generate(
+        PROMPT, max_tokens=60, stats=stats))
+    assert got == expected and stats.accepted > 0
