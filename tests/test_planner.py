@@ -210,3 +210,24 @@ def test_pipeline_splits_contiguous_layers(glm):
     assert sum(s.kv_bytes for s in pp.stages) == glm.cache_bytes_per_token(2, mtp=True) * 202_752
     assert pp.link_bytes_per_token == glm.hidden_size * 2 and pp.fits != "no"
     assert plan(glm, default_recipe(), macs[0]).fits == "no"  # one of them alone does not hold it
+
+
+def test_planner_kv_equals_model_cache_nbytes(mtp_ckpt):
+    """The planner's KV bytes per token equal the model's measured cache nbytes per token."""
+    import mlx.core as mx
+
+    from glm_mlx import load_model
+    from glm_mlx.engine import Engine, StepStats
+    from glm_mlx.quantize.recipe import Recipe
+
+    model = load_model(mtp_ckpt, dtype=mx.float32)
+    args = model.args
+    p = plan(args, Recipe.uniform("f32"), get_mac("m3-ultra-512"), context=64, cache_dtype_bytes=4)
+    engine = Engine(model, mtp=True)
+    pc = engine.new_cache()
+    list(engine.generate(list(range(11, 51)), pc, max_tokens=5, stats=StepStats()))
+    mx.eval(pc.arrays())
+    mtp_layer = p.kv_bytes_per_token - args.cache_bytes_per_token(4, mtp=False)  # the MTP layer's share
+    assert mtp_layer > 0
+    assert sum(c.nbytes for c in pc.cache) == (p.kv_bytes_per_token - mtp_layer) * len(pc.tokens)
+    assert pc.mtp_cache.nbytes == mtp_layer * pc.mtp_cache.offset
