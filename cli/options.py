@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -35,7 +36,7 @@ def resolve_model(model: str | None) -> str:
         from glm_mlx.reference_model import DEFAULT_MODEL
     except ImportError:
         DEFAULT_MODEL = None
-    if DEFAULT_MODEL is None or not __import__("pathlib").Path(DEFAULT_MODEL).exists():
+    if DEFAULT_MODEL is None or not Path(DEFAULT_MODEL).exists():
         raise NoModelError("no MODEL given and the built-in reference model is not installed")
     return str(DEFAULT_MODEL)
 
