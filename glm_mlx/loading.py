@@ -28,11 +28,9 @@ def resolve_path(path_or_repo: str | Path) -> Path:
         return p
     if p.exists():
         raise CheckpointError(f"{p} is a file, not a checkpoint folder", "Pass the folder holding config.json.")
-    try:
-        from .hub import resolve_model_path
-    except ImportError:  # pragma: no cover - hub support missing
-        resolve_model_path = None
-    if resolve_model_path is not None and "/" in str(path_or_repo) and not str(path_or_repo).startswith((".", "/")):
+    if "/" in str(path_or_repo) and not str(path_or_repo).startswith((".", "/")):
+        from .hub import resolve_model_path  # here: huggingface_hub only when a repo id is given
+
         return resolve_model_path(str(path_or_repo))
     raise CheckpointError(f"no checkpoint folder at {p}", "Pass a folder with config.json and *.safetensors, or a downloaded repo id.")
 
