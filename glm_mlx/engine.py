@@ -17,7 +17,7 @@ import mlx.core as mx
 
 from .model import Model
 from .prompt_cache import PromptCache
-from .sampling import Sampler, SamplingParams, speculative_accept
+from .sampling import Sampler, SamplingParams, accept_prefix, verify_drafts
 
 
 @dataclass
@@ -51,9 +51,9 @@ class Engine:
         self.num_draft = max(1, num_draft)
         self.prefill_step = prefill_step
 
-    def _history(self, tokens: list[int]) -> mx.array | None:
+    def _history(self, tokens: list[int], *more: int) -> mx.array | None:
         """The token history for logits processors; None (no O(context) copy) when there are none."""
-        return mx.array(tokens) if self.sampler.processors else None
+        return mx.array(tokens + list(more)) if self.sampler.processors else None
 
     def new_cache(self) -> PromptCache:
         return PromptCache.fresh(self.model, mtp=self.mtp)
@@ -112,58 +112,85 @@ class Engine:
             yield from self._decode_plain(pc, y, max_tokens, stats, start)
 
     def _decode_plain(self, pc, y, max_tokens, stats, start):
-        def step(tok):
-            logits = self._forward(pc, [tok])[0, -1:]
-            nxt = self.sampler.sample(self.sampler.process(self._history(pc.tokens), logits))[0]
-            mx.async_eval(nxt)  # overlap the next step's graph building with this evaluation
+        if pc.mtp_cache is not None:  # the cache keeps its MTP layer fed for a later MTP turn
+            yield from self._decode_plain_feeding_mtp(pc, y, max_tokens, stats, start)
+            return
+
+        def step(tok: mx.array) -> mx.array:  # tok [1] on the device -> next token [1]
+            logits = self.model(tok[None], cache=pc.cache)[0, -1:]
+            hist = None if not self.sampler.processors else mx.concatenate([mx.array(pc.tokens), tok])
+            nxt = self.sampler.sample(self.sampler.process(hist, logits))
+            mx.async_eval(nxt)
             return nxt
 
-        nxt = step(y)
+        # mlx-lm's pipelining: the next step is built from the device token before the host reads
+        # the current one, so Python builds step n+1 while the device evaluates step n.
+        pc.tokens.append(y)
+        nxt = step(mx.array([y]))
         while stats.generated < max_tokens:
+            cur = nxt
+            feed = stats.generated + 1 < max_tokens  # is another token needed after this one?
+            if feed:
+                nxt = step(cur)
+            tok = cur.item()
+            if feed:
+                pc.tokens.append(tok)  # the cache holds exactly pc.tokens
             stats.main_passes += 1
-            tok = nxt.item()
             stats.generated += 1
             stats.gen_time = time.perf_counter() - start
-            if stats.generated < max_tokens:
-                nxt = step(tok)
             yield tok
 
-    def _draft(self, pc: PromptCache, y: int) -> tuple[list[mx.array], mx.array]:
-        """k draft tokens (device arrays: no host sync between steps) from the MTP layer.
+    def _decode_plain_feeding_mtp(self, pc, y, max_tokens, stats, start):
+        tok = y
+        while stats.generated < max_tokens:
+            logits = self._forward(pc, [tok])[0, -1:]
+            tok = self.sampler.sample(self.sampler.process(self._history(pc.tokens), logits))[0].item()
+            stats.main_passes += 1
+            stats.generated += 1
+            stats.gen_time = time.perf_counter() - start
+            yield tok
+
+    def _draft(self, pc: PromptCache, y: int) -> tuple[mx.array, mx.array]:
+        """k draft tokens ([k] on the device: no host sync between steps) and their logits [k, V].
 
         The first step also writes the MTP slots of every pending position (the main model's
         true hidden states from the last verification), so no separate re-feed pass is needed.
         Draft slots written by later steps are trimmed after verification.
         """
         drafts, logits_all = [], []
-        hist = self._history(pc.tokens + [y])
+        hist = self._history(pc.tokens, y)
         hidden = pc.pending
         toks = mx.array([pc.tokens[pc.mtp_cache.offset + 1 :] + [y]])
         for _ in range(self.num_draft):
-            logits, hidden = self.model.mtp_logits(hidden, toks, pc.mtp_cache)
-            hidden = hidden[:, -1:]
-            logits = self.sampler.process(hist if hist is None else mx.concatenate([hist, *drafts]), logits[0, -1:])
-            tok = self.sampler.sample(logits)  # [1]
+            logits, hidden = self.model.mtp_draft(hidden, toks, pc.mtp_cache)  # [1, V], [1, 1, hidden]
+            logits = self.sampler.process(hist if hist is None else mx.concatenate([hist, *drafts]), logits)
+            tok = self.sampler.sample(logits).astype(mx.int32)  # [1]
             drafts.append(tok)
             logits_all.append(logits)
             toks = tok[None]
-        return drafts, mx.concatenate(logits_all, axis=0)
+        if len(drafts) == 1:
+            return drafts[0], logits_all[0]
+        return mx.concatenate(drafts), mx.concatenate(logits_all, axis=0)
 
     def _decode_mtp(self, pc, y, max_tokens, stats, start):
         k = self.num_draft
         stats.accepted_per_pos = [0] * k
         while stats.generated < max_tokens:
-            n = len(pc.tokens)  # y sits at position n, not yet in the cache
-            draft_arrays, draft_logits = self._draft(pc, y)
-            # Verify y and all drafts in one main-model pass.
-            inputs = mx.concatenate([mx.array([y]), *draft_arrays])
+            drafts, draft_logits = self._draft(pc, y)
+            mx.async_eval(drafts)  # the device drafts while Python builds the verification graph
+            # Verify y and all drafts in one main-model pass (y sits at position len(pc.tokens)).
+            inputs = mx.concatenate([mx.array([y], dtype=mx.int32), drafts])
             logits, hidden = self.model(inputs[None], cache=pc.cache, return_hidden=True)
             stats.main_passes += 1
-            hist = self._history(pc.tokens + [y])
-            target = mx.concatenate([self.sampler.process(hist if hist is None else mx.concatenate([hist, *draft_arrays[:j]]),
-                                                          logits[0, j : j + 1]) for j in range(k + 1)], axis=0)
-            drafts = inputs[1:].tolist()
-            a, nxt = speculative_accept(self.sampler, target, draft_logits, drafts)
+            target = logits[0]  # [k+1, V]
+            if self.sampler.processors:  # position j's history ends with y and drafts before j
+                hist = self._history(pc.tokens, y)
+                target = mx.concatenate([self.sampler.process(mx.concatenate([hist, drafts[:j]]), target[j : j + 1])
+                                         for j in range(k + 1)], axis=0)
+            # The one host sync per pass: the drafts, accept flags and candidate next tokens.
+            verdict = mx.concatenate([drafts, verify_drafts(self.sampler, target, draft_logits, drafts)]).tolist()
+            draft_ids = verdict[:k]
+            a, nxt = accept_prefix(verdict[k:], k)
             stats.drafted += k
             stats.accepted += a
             for j in range(a):
@@ -173,9 +200,9 @@ class Engine:
             for c in pc.cache:
                 c.trim(k - a)
             pc.mtp_cache.trim(k - 1)
-            pc.tokens.extend([y] + drafts[:a])
+            pc.tokens.extend([y] + draft_ids[:a])
             pc.pending = hidden[:, : a + 1]
-            for tok in drafts[:a] + [nxt]:
+            for tok in draft_ids[:a] + [nxt]:
                 if stats.generated >= max_tokens:
                     return
                 stats.generated += 1

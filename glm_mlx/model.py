@@ -102,10 +102,20 @@ class Model(nn.Module):
         previous draft step's output); next_tokens [B, L]: the tokens at p+1..p+L. Returns
         (logits [B, L, vocab] for positions p+2..p+L+1, hidden for the next draft step).
         """
+        h = self.mtp_hidden(hidden, next_tokens, cache)
+        return self.lm_head(h), h
+
+    def mtp_hidden(self, hidden: mx.array, next_tokens: mx.array, cache: DSACache | None = None) -> mx.array:
+        """mtp_logits without the head: the MTP layer's normed output [B, L, hidden]."""
         if not self.has_mtp:
             raise RuntimeError("this checkpoint has no MTP layer")
-        h = self.mtp_layer(self.model.embed_tokens(next_tokens), hidden, cache)
-        return self.lm_head(h), h
+        return self.mtp_layer(self.model.embed_tokens(next_tokens), hidden, cache)
+
+    def mtp_draft(self, hidden: mx.array, next_tokens: mx.array, cache: DSACache | None = None):
+        """One draft step: as mtp_logits, but the head runs on the last position only (the one
+        that drafts; the others just fill the MTP cache). Returns (logits [B, vocab], h [B, 1, hidden])."""
+        h = self.mtp_hidden(hidden, next_tokens, cache)[:, -1:]
+        return self.lm_head(h[:, 0]), h
 
     @property
     def mtp_layer(self) -> MTPLayer:

@@ -63,30 +63,40 @@ class Sampler:
         return mx.random.categorical(self.logprobs(logits))
 
 
-def speculative_accept(sampler: Sampler, target_logits: mx.array, draft_logits: mx.array, drafts: list[int]):
-    """Standard speculative-sampling acceptance (Leviathan et al. / Chen et al.).
+def verify_drafts(sampler: Sampler, target_logits: mx.array, draft_logits: mx.array, drafts: mx.array) -> mx.array:
+    """Standard speculative-sampling verification (Leviathan et al. / Chen et al.), on the device.
 
-    target_logits [k+1, V] (processed), draft_logits [k, V] (processed), drafts: k tokens.
-    Returns (number accepted a, next token): the next token is the target's correction at the
-    first rejection (sampled from max(0, p - q) renormalised) or a bonus token from p[k].
-    The output distribution equals sampling from the target alone. Greedy: exact-match rule.
+    target_logits [k+1, V] (processed), draft_logits [k, V] (processed), drafts [k] token ids.
+    Returns [2k+1] int32: k accept flags, then k+1 candidate next tokens: at j < k the target's
+    correction if draft j is the first rejection (sampled from max(0, p_j - q_j) renormalised),
+    at k the bonus token from p_k. Everything stays on the device so the engine syncs once per
+    verification; `accept_prefix` reads the result. Greedy: exact-match rule, candidates = argmax.
     """
     if sampler.params.greedy:
-        targets = mx.argmax(target_logits, axis=-1).tolist()
-        a = 0
-        while a < len(drafts) and targets[a] == drafts[a]:
-            a += 1
-        return a, targets[a]
+        targets = mx.argmax(target_logits, axis=-1).astype(mx.int32)  # [k+1]
+        return mx.concatenate([(targets[:-1] == drafts).astype(mx.int32), targets])
     p = mx.exp(sampler.logprobs(target_logits))  # [k+1, V]
     q = mx.exp(sampler.logprobs(draft_logits))  # [k, V]
-    idx = mx.array(drafts)[:, None]
+    idx = drafts[:, None]
     ratio = (mx.take_along_axis(p[:-1], idx, axis=-1) / mx.take_along_axis(q, idx, axis=-1))[:, 0]
-    u = mx.random.uniform(shape=ratio.shape)
-    accept = (u < ratio).tolist()
+    ok = mx.random.uniform(shape=ratio.shape) < ratio
+    # A rejection implies p_j(d) < q_j(d), so the residual has mass wherever it is used; the
+    # samples at positions that are not the first rejection are discarded.
+    residual = mx.maximum(p[:-1] - q, 0.0)
+    corrections = mx.random.categorical(mx.log(residual / mx.maximum(residual.sum(axis=-1, keepdims=True), 1e-30)))
+    bonus = mx.random.categorical(mx.log(p[-1:]))
+    return mx.concatenate([ok.astype(mx.int32), corrections.astype(mx.int32), bonus.astype(mx.int32)])
+
+
+def accept_prefix(verdict: list[int], k: int) -> tuple[int, int]:
+    """verify_drafts' result on the host -> (number of drafts accepted a, next token)."""
     a = 0
-    while a < len(drafts) and accept[a]:
+    while a < k and verdict[a]:
         a += 1
-    if a == len(drafts):
-        return a, mx.random.categorical(mx.log(p[a])).item()
-    residual = mx.maximum(p[a] - q[a], 0.0)
-    return a, mx.random.categorical(mx.log(residual / residual.sum())).item()
+    return a, verdict[k + a]
+
+
+def speculative_accept(sampler: Sampler, target_logits: mx.array, draft_logits: mx.array, drafts: list[int]):
+    """(accepted a, next token): the output distribution equals sampling from the target alone."""
+    verdict = verify_drafts(sampler, target_logits, draft_logits, mx.array(drafts, dtype=mx.int32)).tolist()
+    return accept_prefix(verdict, len(drafts))

@@ -35,17 +35,16 @@ def oracle_drafter(model, monkeypatch, truth: list[int], hit=lambda s: s % 10 >=
     The real MTP layer still runs (its cache is exercised); only its logits are replaced: the slot
     at position s predicts position s+2, correctly when hit(s).
     """
-    real = model.mtp_logits
+    real = model.mtp_draft
 
     def fake(hidden, next_tokens, cache=None):
-        start = cache.offset if cache is not None else 0
+        s = (cache.offset if cache is not None else 0) + next_tokens.shape[1] - 1  # the drafting slot
         logits, h = real(hidden, next_tokens, cache)
-        L, V = logits.shape[1], logits.shape[2]
-        want = [truth[s + 2] if s + 2 < len(truth) and hit(s) else (truth[min(s + 2, len(truth) - 1)] + 1) % V
-                for s in range(start, start + L)]
-        return mx.eye(V)[mx.array(want)][None] * 10.0, h
+        V = logits.shape[-1]
+        want = truth[s + 2] if s + 2 < len(truth) and hit(s) else (truth[min(s + 2, len(truth) - 1)] + 1) % V
+        return mx.eye(V)[mx.array([want])] * 10.0, h
 
-    monkeypatch.setattr(model, "mtp_logits", fake)
+    monkeypatch.setattr(model, "mtp_draft", fake)
 
 
 @pytest.mark.parametrize("num_draft", [1, 3])
