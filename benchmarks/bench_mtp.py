@@ -35,21 +35,17 @@ def default_prompts(path: Path) -> list[str]:
             "The capital of France is"]
 
 
-def run_ours(model, prompts_ids, max_tokens, mtp, num_draft):
-    total_tokens, total_time, drafted, accepted, passes = 0, 0.0, 0, 0, 0
-    outputs = []
-    for ids in prompts_ids:
+def ours(model, mtp, num_draft):
+    """A runner: prompt ids -> (tokens after the first, seconds, stats) for one generation."""
+    def run(ids, max_tokens):
         stats = StepStats()
         toks = list(Engine(model, mtp=mtp, num_draft=num_draft).generate(ids, max_tokens=max_tokens, stats=stats))
-        outputs.append(toks)
-        total_tokens += stats.generated - 1  # the first token comes from prefill
-        total_time += stats.gen_time
-        drafted, accepted, passes = drafted + stats.drafted, accepted + stats.accepted, passes + stats.main_passes
-    return {"tok_s": total_tokens / total_time, "acceptance": accepted / drafted if drafted else 0.0,
-            "tok_per_pass": total_tokens / passes if passes else 0.0, "outputs": outputs}
+        return toks, stats.gen_time, stats
+    return run
 
 
-def run_mlx_lm(path, prompts_ids, max_tokens):
+def mlx_lm_runner(path):
+    """mlx-lm's own generator on the same checkpoint, or the reason it cannot load it."""
     try:
         from mlx_lm import load as mlx_lm_load
         from mlx_lm.generate import generate_step
@@ -58,20 +54,15 @@ def run_mlx_lm(path, prompts_ids, max_tokens):
         if mx.default_device().type == mx.DeviceType.cpu:
             model.set_dtype(mx.float32)  # the CPU backend's gather_mm needs float32 (as glm_mlx.load does)
     except Exception as e:  # noqa: BLE001 - report why mlx-lm cannot run it, keep benchmarking ours
-        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"}
-    for ids in prompts_ids[:1]:  # warm-up, as for ours
-        for _ in zip(range(8), generate_step(mx.array(ids), model, max_tokens=8)):
-            pass
-    total_tokens, total_time = 0, 0.0
-    for ids in prompts_ids:
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+
+    def run(ids, max_tokens):
         gen = generate_step(mx.array(ids), model, max_tokens=max_tokens)
-        next(gen)  # prefill + first token
-        start, n = time.perf_counter(), 0
-        for _ in gen:
-            n += 1
-        total_time += time.perf_counter() - start
-        total_tokens += n
-    return {"tok_s": total_tokens / total_time}
+        toks = [next(gen)[0]]  # prefill + first token, not timed (as for ours)
+        start = time.perf_counter()
+        toks += [t for t, _ in gen]
+        return toks, time.perf_counter() - start, None
+    return run
 
 
 def main():
@@ -85,22 +76,42 @@ def main():
     model, tokenizer = load(path)
     prompts = a.prompts.read_text().splitlines() if a.prompts else default_prompts(path)
     prompts_ids = [encode_prompt(tokenizer, p) for p in prompts if p.strip()]
-    for ids in prompts_ids[:1]:  # warm-up (compilation, allocation)
-        list(Engine(model, mtp=False).generate(ids, max_tokens=8))
-    plain = run_ours(model, prompts_ids, a.max_tokens, False, 1)
+    runs = {"glm-mlx, no MTP": ours(model, False, 1)}
+    runs.update({f"glm-mlx, MTP k={k}": ours(model, True, k) for k in a.num_draft})
+    theirs = mlx_lm_runner(path)
+    if callable(theirs):
+        runs["mlx-lm (no MTP)"] = theirs
+    for run in runs.values():  # warm-up (compilation, allocation)
+        run(prompts_ids[0], 8)
+    # Interleaved: every prompt runs through every variant back to back (in a rotating order), so
+    # a change in machine load affects all variants alike.
+    names = list(runs)
+    tokens, seconds = dict.fromkeys(names, 0), dict.fromkeys(names, 0.0)
+    drafted, accepted, passes = dict.fromkeys(names, 0), dict.fromkeys(names, 0), dict.fromkeys(names, 0)
+    for i, ids in enumerate(prompts_ids):
+        outputs = {}
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            toks, secs, stats = runs[name](ids, a.max_tokens)
+            outputs[name] = toks
+            tokens[name] += len(toks) - 1  # the first token comes from the prefill pass
+            seconds[name] += secs
+            if stats is not None:
+                drafted[name] += stats.drafted
+                accepted[name] += stats.accepted
+                passes[name] += stats.main_passes
+        for name in names[1:]:
+            if name.startswith("glm-mlx"):
+                assert outputs[name] == outputs[names[0]], "greedy MTP must reproduce plain greedy decoding"
     print(f"checkpoint: {path}  prompts: {len(prompts_ids)}  max tokens: {a.max_tokens}  device: {mx.default_device()}")
     print(f"{'run':<22}{'decode tok/s':>14}{'vs plain':>10}{'acceptance':>12}{'tok/pass':>10}")
-    print(f"{'glm-mlx, no MTP':<22}{plain['tok_s']:>14.1f}{1.0:>10.2f}{'-':>12}{1.0:>10.2f}")
-    for k in a.num_draft:
-        r = run_ours(model, prompts_ids, a.max_tokens, True, k)
-        assert r["outputs"] == plain["outputs"], "greedy MTP must reproduce plain greedy decoding"
-        print(f"{f'glm-mlx, MTP k={k}':<22}{r['tok_s']:>14.1f}{r['tok_s'] / plain['tok_s']:>10.2f}"
-              f"{r['acceptance']:>12.2f}{r['tok_per_pass']:>10.2f}")
-    theirs = run_mlx_lm(path, prompts_ids, a.max_tokens)
-    if "error" in theirs:
-        print(f"{'mlx-lm':<22}  cannot load: {theirs['error']}")
-    else:
-        print(f"{'mlx-lm (no MTP)':<22}{theirs['tok_s']:>14.1f}{theirs['tok_s'] / plain['tok_s']:>10.2f}")
+    base = tokens[names[0]] / seconds[names[0]]
+    for name in names:
+        tok_s = tokens[name] / seconds[name]
+        acc = f"{accepted[name] / drafted[name]:.2f}" if drafted[name] else "-"
+        per_pass = f"{tokens[name] / passes[name]:.2f}" if passes[name] else "-"
+        print(f"{name:<22}{tok_s:>14.1f}{tok_s / base:>10.2f}{acc:>12}{per_pass:>10}")
+    if not callable(theirs):
+        print(f"{'mlx-lm':<22}  cannot load: {theirs}")
 
 
 if __name__ == "__main__":

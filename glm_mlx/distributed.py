@@ -153,15 +153,15 @@ class PipelineModel:
     def mtp_logits(self, hidden: mx.array, next_tokens: mx.array, cache: DSACache | None = None):
         return self._mtp("mtp_logits", hidden, next_tokens, cache)
 
-    def mtp_draft(self, hidden: mx.array, next_tokens: mx.array, cache: DSACache | None = None):
-        return self._mtp("mtp_draft", hidden, next_tokens, cache)
+    def mtp_draft(self, hidden: mx.array, next_tokens: mx.array, cache: DSACache | None = None, row=None):
+        return self._mtp("mtp_draft", hidden, next_tokens, cache, row=row)
 
-    def _mtp(self, method: str, hidden, next_tokens, cache):
+    def _mtp(self, method: str, hidden, next_tokens, cache, **kw):
         """The MTP layer runs on the last rank; every rank gets its logits (B, [L,] vocab)."""
         self._step_header()
         B, L = next_tokens.shape
         if self.last:
-            logits, h = getattr(self.model, method)(hidden, next_tokens, cache)
+            logits, h = getattr(self.model, method)(hidden, next_tokens, cache, **kw)
             return self._share(logits), h
         if cache is not None:
             cache.offset += L  # keep positions in step with the last rank's MTP cache

@@ -150,62 +150,97 @@ class Engine:
             stats.gen_time = time.perf_counter() - start
             yield tok
 
-    def _draft(self, pc: PromptCache, y: int) -> tuple[mx.array, mx.array]:
+    def _draft(self, pc: PromptCache, y: int, first=None) -> tuple[mx.array, mx.array]:
         """k draft tokens ([k] on the device: no host sync between steps) and their logits [k, V].
 
-        The first step also writes the MTP slots of every pending position (the main model's
-        true hidden states from the last verification), so no separate re-feed pass is needed.
-        Draft slots written by later steps are trimmed after verification.
+        Step 1 either was drafted ahead (`first` = (token, logits, h), see _draft_ahead) or here
+        writes the MTP slots of every pending position (the main model's true hidden states) and
+        of y's. Later steps feed the MTP layer its own output; their slots are trimmed after
+        verification.
         """
-        drafts, logits_all = [], []
         hist = self._history(pc.tokens, y)
-        hidden = pc.pending
-        toks = mx.array([pc.tokens[pc.mtp_cache.offset + 1 :] + [y]])
-        for _ in range(self.num_draft):
-            logits, hidden = self.model.mtp_draft(hidden, toks, pc.mtp_cache)  # [1, V], [1, 1, hidden]
+        if first is None:
+            toks = mx.array([pc.tokens[pc.mtp_cache.offset + 1 :] + [y]])
+            logits, hidden = self.model.mtp_draft(pc.pending, toks, pc.mtp_cache)
+            logits = self.sampler.process(hist, logits)
+            first, pc.pending = (self.sampler.sample(logits).astype(mx.int32), logits, hidden), None
+        tok, logits, hidden = first
+        drafts, logits_all = [tok], [logits]
+        for _ in range(self.num_draft - 1):
+            logits, hidden = self.model.mtp_draft(hidden, drafts[-1][None], pc.mtp_cache)
             logits = self.sampler.process(hist if hist is None else mx.concatenate([hist, *drafts]), logits)
-            tok = self.sampler.sample(logits).astype(mx.int32)  # [1]
-            drafts.append(tok)
+            drafts.append(self.sampler.sample(logits).astype(mx.int32))
             logits_all.append(logits)
-            toks = tok[None]
         if len(drafts) == 1:
             return drafts[0], logits_all[0]
         return mx.concatenate(drafts), mx.concatenate(logits_all, axis=0)
 
+    def _draft_ahead(self, pc: PromptCache, hidden: mx.array, drafts: mx.array, verdict: mx.array):
+        """The next pass's first draft step, built from device arrays before the host reads the
+        verdict, so the device drafts while the host accepts and builds the next verification.
+
+        Verification row j (h at y's position + j) pairs with the token after it: draft j while
+        j < a, then the verdict's next token, whose row drafts; rows past a are trimmed once the
+        host knows a. Returns (draft [1], logits [1, V], h [1, 1, hidden]).
+        """
+        k = self.num_draft
+        a = mx.cumprod(verdict[:k]).sum(keepdims=True)  # [1]: accepted drafts
+        cand = verdict[k:]  # [k+1] candidate next tokens
+        toks = mx.where(mx.arange(k + 1) < a, mx.concatenate([drafts, cand[-1:]]), cand)  # [k+1]
+        logits, h = self.model.mtp_draft(hidden, toks[None], pc.mtp_cache, row=a)
+        return self.sampler.sample(logits).astype(mx.int32), logits, h
+
     def _decode_mtp(self, pc, y, max_tokens, stats, start):
         k = self.num_draft
         stats.accepted_per_pos = [0] * k
-        while stats.generated < max_tokens:
-            drafts, draft_logits = self._draft(pc, y)
-            mx.async_eval(drafts)  # the device drafts while Python builds the verification graph
-            # Verify y and all drafts in one main-model pass (y sits at position len(pc.tokens)).
-            inputs = mx.concatenate([mx.array([y], dtype=mx.int32), drafts])
-            logits, hidden = self.model(inputs[None], cache=pc.cache, return_hidden=True)
-            stats.main_passes += 1
-            target = logits[0]  # [k+1, V]
-            if self.sampler.processors:  # position j's history ends with y and drafts before j
-                hist = self._history(pc.tokens, y)
-                target = mx.concatenate([self.sampler.process(mx.concatenate([hist, drafts[:j]]), target[j : j + 1])
-                                         for j in range(k + 1)], axis=0)
-            # The one host sync per pass: the drafts, accept flags and candidate next tokens.
-            verdict = mx.concatenate([drafts, verify_drafts(self.sampler, target, draft_logits, drafts)]).tolist()
-            draft_ids = verdict[:k]
-            a, nxt = accept_prefix(verdict[k:], k)
-            stats.drafted += k
-            stats.accepted += a
-            for j in range(a):
-                stats.accepted_per_pos[j] += 1
-            # Roll back rejected positions: the main cache keeps y + a drafts; the MTP cache drops
-            # the draft-hidden slots; positions n..n+a wait (pending) for the next first draft step.
-            for c in pc.cache:
-                c.trim(k - a)
-            pc.mtp_cache.trim(k - 1)
-            pc.tokens.extend([y] + draft_ids[:a])
-            pc.pending = hidden[:, : a + 1]
-            for tok in draft_ids[:a] + [nxt]:
-                if stats.generated >= max_tokens:
-                    return
-                stats.generated += 1
-                stats.gen_time = time.perf_counter() - start
-                yield tok
-            y = nxt
+        ahead = not self.sampler.processors  # processors need the (host) history to draft
+        first = None
+        try:
+            while stats.generated < max_tokens:
+                pc.ahead = None  # its slot now pairs with y, which this pass puts in tokens
+                drafts, draft_logits = self._draft(pc, y, first)
+                mx.async_eval(drafts)  # the device drafts while Python builds the verification graph
+                # Verify y and all drafts in one main-model pass (y sits at position len(pc.tokens)).
+                inputs = mx.concatenate([mx.array([y], dtype=mx.int32), drafts])
+                logits, hidden = self.model(inputs[None], cache=pc.cache, return_hidden=True)
+                stats.main_passes += 1
+                target = logits[0]  # [k+1, V]
+                if self.sampler.processors:  # position j's history ends with y and drafts before j
+                    hist = self._history(pc.tokens, y)
+                    target = mx.concatenate([self.sampler.process(mx.concatenate([hist, drafts[:j]]), target[j : j + 1])
+                                             for j in range(k + 1)], axis=0)
+                verdict = verify_drafts(self.sampler, target, draft_logits, drafts)
+                result = mx.concatenate([drafts, verdict])  # drafts, accept flags, candidate next tokens
+                mx.async_eval(result)  # its own evaluation, so reading it never waits for the drafting
+                if ahead:
+                    pc.mtp_cache.trim(k - 1)  # this pass's later draft slots
+                    first = self._draft_ahead(pc, hidden, drafts, verdict)
+                    mx.async_eval(first[0])
+                verdict = result.tolist()  # the one host sync per pass
+                draft_ids = verdict[:k]
+                a, nxt = accept_prefix(verdict[k:], k)
+                stats.drafted += k
+                stats.accepted += a
+                for j in range(a):
+                    stats.accepted_per_pos[j] += 1
+                # Roll back rejected positions: the main cache keeps y + a drafts. The MTP cache
+                # keeps slots up to y + a; drafted ahead, the last pairs with nxt (pc.ahead holds
+                # its h), otherwise positions y..y+a wait (pending) for the next first draft step.
+                for c in pc.cache:
+                    c.trim(k - a)
+                if ahead:
+                    pc.mtp_cache.trim(k - a)
+                    pc.ahead = hidden[:, a : a + 1]
+                else:
+                    pc.mtp_cache.trim(k - 1)
+                    pc.pending = hidden[:, : a + 1]
+                pc.tokens.extend([y] + draft_ids[:a])
+                for tok in draft_ids[:a] + [nxt]:
+                    if stats.generated >= max_tokens:
+                        return
+                    stats.generated += 1
+                    stats.gen_time = time.perf_counter() - start
+                    yield tok
+                y = nxt
+        finally:
+            pc.settle()  # a drafted-ahead slot pairs with a token that is not in the cache

@@ -111,10 +111,13 @@ class Model(nn.Module):
             raise RuntimeError("this checkpoint has no MTP layer")
         return self.mtp_layer(self.model.embed_tokens(next_tokens), hidden, cache)
 
-    def mtp_draft(self, hidden: mx.array, next_tokens: mx.array, cache: DSACache | None = None):
-        """One draft step: as mtp_logits, but the head runs on the last position only (the one
-        that drafts; the others just fill the MTP cache). Returns (logits [B, vocab], h [B, 1, hidden])."""
-        h = self.mtp_hidden(hidden, next_tokens, cache)[:, -1:]
+    def mtp_draft(self, hidden: mx.array, next_tokens: mx.array, cache: DSACache | None = None,
+                  row: mx.array | None = None):
+        """One draft step: as mtp_logits, but the head runs on one position only, the one that
+        drafts (the last, or `row`, a [1] device index); the others just fill the MTP cache.
+        Returns (logits [B, vocab], h [B, 1, hidden])."""
+        h = self.mtp_hidden(hidden, next_tokens, cache)
+        h = h[:, -1:] if row is None else mx.take(h, row, axis=1)
         return self.lm_head(h[:, 0]), h
 
     @property

@@ -30,6 +30,9 @@ class PromptCache:
     tokens: list[int] = field(default_factory=list)
     pending: mx.array | None = None  # [1, m, hidden]: h of the last m positions, MTP slots not yet written
     extra: dict = field(default_factory=dict)  # caller's data saved alongside (e.g. chat messages)
+    # [1, 1, hidden]: set while the MTP cache's last slot pairs h of the last position with a
+    # drafted-ahead token that is not in `tokens` (see Engine._decode_mtp); `settle` undoes it.
+    ahead: mx.array | None = None
 
     @classmethod
     def fresh(cls, model, mtp: bool) -> "PromptCache":
@@ -47,6 +50,13 @@ class PromptCache:
     def arrays(self) -> list[mx.array]:
         return [a for c in self.all_caches() for a in c.state]
 
+    def settle(self):
+        """Drop a drafted-ahead MTP slot: its h becomes pending again, so the invariant holds."""
+        if self.ahead is not None:
+            self.mtp_cache.trim(1)
+            self.pending = self.ahead if self.pending is None else mx.concatenate([self.pending, self.ahead], axis=1)
+            self.ahead = None
+
     def reuse(self, prompt: list[int], model=None) -> int:
         """Trim to the longest reusable prefix of `prompt`; return how many tokens are reused.
 
@@ -54,6 +64,7 @@ class PromptCache:
         With MTP, slot i needs h_i: if we cut below the written MTP slots, h at the cut is gone, so
         we cut one token earlier, where the MTP slot is still valid and the main model recomputes h.
         """
+        self.settle()
         n_old = len(self.tokens)
         p = 0
         limit = min(n_old, len(prompt))
@@ -78,6 +89,7 @@ class PromptCache:
     def save(self, path: str | Path, extra: dict | None = None):
         """Write atomically (temp file + rename) as safetensors with the tokens (and `extra`, JSON) in the metadata."""
         path = Path(path)
+        self.settle()
         arrays = {}
         for i, c in enumerate(self.all_caches()):
             for j, a in enumerate(c.state):

@@ -37,9 +37,10 @@ def oracle_drafter(model, monkeypatch, truth: list[int], hit=lambda s: s % 10 >=
     """
     real = model.mtp_draft
 
-    def fake(hidden, next_tokens, cache=None):
-        s = (cache.offset if cache is not None else 0) + next_tokens.shape[1] - 1  # the drafting slot
-        logits, h = real(hidden, next_tokens, cache)
+    def fake(hidden, next_tokens, cache=None, row=None):
+        drafting = next_tokens.shape[1] - 1 if row is None else row.item()
+        s = (cache.offset if cache is not None else 0) + drafting  # the drafting slot's position
+        logits, h = real(hidden, next_tokens, cache, row)
         V = logits.shape[-1]
         want = truth[s + 2] if s + 2 < len(truth) and hit(s) else (truth[min(s + 2, len(truth) - 1)] + 1) % V
         return mx.eye(V)[mx.array([want])] * 10.0, h
@@ -85,6 +86,31 @@ def test_prompt_cache_reuse_multi_turn(model):
     pending = pc.pending.shape[1] if pc.pending is not None else 0
     assert pc.mtp_cache.offset + pending == len(pc.tokens)
     assert all(c.offset == len(pc.tokens) for c in pc.cache)
+
+
+def test_mtp_state_after_early_stop(model, monkeypatch):
+    """Drafting ahead writes an MTP slot for a token that is not in the cache yet. A consumer that
+    stops early leaves a settled cache: every MTP slot equals what a fresh prefill of the same
+    tokens writes, and the next turn still decodes exactly."""
+    expected = plain(model, PROMPT, 40)
+    oracle_drafter(model, monkeypatch, PROMPT + expected)
+    engine = Engine(model, mtp=True)
+    pc = engine.new_cache()
+    gen = engine.generate(PROMPT, pc, max_tokens=40)
+    got = [t for _, t in zip(range(17), gen)]
+    gen.close()
+    assert got == expected[:17] and pc.ahead is None
+    pending = pc.pending.shape[1] if pc.pending is not None else 0
+    assert pc.mtp_cache.offset + pending == len(pc.tokens)
+    assert all(c.offset == len(pc.tokens) for c in pc.cache)
+    fresh = engine.new_cache()
+    engine.prefill(fresh, pc.tokens, StepStats())
+    q = pc.mtp_cache.offset
+    assert q > len(PROMPT)  # slots written while decoding are compared too
+    for ours, ref in zip(pc.mtp_cache.state, fresh.mtp_cache.state):
+        np.testing.assert_allclose(np.array(ours[..., :q, :]), np.array(ref[..., :q, :]), atol=1e-4)
+    prompt2 = PROMPT + got + [5, 6]
+    assert list(engine.generate(prompt2, pc, max_tokens=20)) == plain(model, prompt2, 20)
 
 
 def test_prompt_cache_save_load(model, tmp_path):
