@@ -65,6 +65,45 @@ def mlx_lm_runner(path):
     return run
 
 
+def cost_breakdown(model, ids, num_draft: int, tokens_per_pass: float, reps: int = 200) -> str:
+    """Synchronous device time of one plain step, one verification pass of 1+k tokens and one
+    draft step (MTP layer + head), at the end of `ids`, and the speed-up they bound MTP to:
+    tokens_per_pass * plain / (verify + k * draft), i.e. with zero host overhead."""
+    pc = model.make_cache(mtp=True)
+    mtp_cache = pc.pop()
+    _, h = model(mx.array([ids]), cache=pc, return_hidden=True)
+    model.mtp_logits(h[:, :-1], mx.array([ids[1:]]), mtp_cache)
+    mx.eval([c.state for c in pc + [mtp_cache]], h)
+
+    def timed(fn):
+        times = []
+        for _ in range(reps):
+            out = fn()
+            start = time.perf_counter()
+            mx.eval(out)  # graph building excluded: pipelining hides it
+            times.append(time.perf_counter() - start)
+        return sorted(times)[reps // 2] * 1e3  # median, ms
+
+    def main_pass(n):
+        def run():
+            logits = model(mx.array([ids[-n:]]), cache=pc)
+            for c in pc:
+                c.trim(n)
+            return mx.argmax(logits[0], axis=-1)
+        return run
+
+    def draft():
+        logits, _ = model.mtp_draft(h[:, -1:], mx.array([ids[-1:]]), mtp_cache)
+        mtp_cache.trim(1)
+        return mx.argmax(logits, axis=-1)
+
+    plain, verify, one = timed(main_pass(1)), timed(main_pass(1 + num_draft)), timed(draft)
+    bound = tokens_per_pass * plain / (verify + num_draft * one)
+    return (f"k={num_draft}: plain step {plain:.2f} ms, verify {1 + num_draft} tokens {verify:.2f} ms, "
+            f"draft step {one:.2f} ms -> MTP bound {tokens_per_pass:.2f} x {plain:.2f} / "
+            f"({verify:.2f} + {num_draft} x {one:.2f}) = {bound:.2f}x")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model", nargs="?")
@@ -112,6 +151,12 @@ def main():
         print(f"{name:<22}{tok_s:>14.1f}{tok_s / base:>10.2f}{acc:>12}{per_pass:>10}")
     if not callable(theirs):
         print(f"{'mlx-lm':<22}  cannot load: {theirs}")
+    if model.has_mtp:
+        print("device time per step (median, synchronous; the ceiling MTP can reach at this acceptance):")
+        ids = max(prompts_ids, key=len)
+        for k in a.num_draft:
+            name = f"glm-mlx, MTP k={k}"
+            print("  " + cost_breakdown(model, ids, k, tokens[name] / passes[name]))
 
 
 if __name__ == "__main__":
