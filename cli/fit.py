@@ -131,7 +131,7 @@ def _print_plan(c: Console, p: Plan, pipeline_macs: int | None = None) -> None:
     for comp, b in sorted(p.weights_by_component.items(), key=lambda kv: -kv[1]):
         t.add_row(f"  weights: {comp}", gb(b))
     t.add_row("[bold]Weights[/]", f"[bold]{gb(p.weights_bytes)}[/]")
-    t.add_row(f"KV cache ({p.kv_bytes_per_token:,} B/token x {p.context:,})", gb(p.kv_bytes))
+    t.add_row(f"KV cache ({p.kv_bytes_per_token:,} B/token x {p.kv_bytes // p.kv_bytes_per_token:,})", gb(p.kv_bytes))
     t.add_row(f"Working set (prefill chunk {min(p.prefill_chunk, p.context):,})", gb(p.working_set_bytes))
     t.add_row("[bold]Total to wire[/]", f"[bold]{gb(p.total_bytes)}[/]")
     t.add_row("GPU wired limit (macOS default)", gb(p.wired_limit_bytes))

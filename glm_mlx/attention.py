@@ -137,6 +137,23 @@ def sparse_mask(topk: mx.array | None, L: int, T: int) -> mx.array:
     return (selected & mask)[:, None]
 
 
+def sparse_wins(a: ModelArgs, L: int, T: int, k: int) -> bool:
+    """Whether gathering k latents per query beats a masked dense pass over all T keys.
+
+    Multiply-adds per call: sparse L*k*H*(2C+R) (the gather is a copy); dense absorbed L*T*H*(2C+R);
+    dense expanded L*T*H*(N+R+V) plus expanding T latents into H keys and values. Dense is
+    only considered while its [L, T] score block stays small, so memory is never O(L x T).
+    (The planner sizes the working set with the same choice.)
+    """
+    H, C, R = a.num_attention_heads, a.kv_lora_rank, a.qk_rope_head_dim
+    sparse = L * k * H * (2 * C + R)
+    if L <= ABSORBED_MAX_TOKENS:
+        dense = L * T * H * (2 * C + R)
+    else:
+        dense = L * T * H * (a.qk_head_dim + a.v_head_dim) + T * H * C * (a.qk_nope_head_dim + a.v_head_dim)
+    return sparse <= dense or L * T * H > DENSE_SCORE_BUDGET
+
+
 class MLAttention(nn.Module):
     def __init__(self, args: ModelArgs, has_indexer: bool):
         super().__init__()
@@ -198,22 +215,9 @@ class MLAttention(nn.Module):
         return self.o_proj(out), topk
 
     def _use_sparse(self, L: int, T: int, k: int) -> bool:
-        """Whether gathering k latents per query beats a masked dense pass over all T keys.
-
-        Multiply-adds per call: sparse L*k*H*(2C+R) (the gather is a copy); dense absorbed L*T*H*(2C+R);
-        dense expanded L*T*H*(N+R+V) plus expanding T latents into H keys and values. Dense is
-        only considered while its [L, T] score block stays small, so memory is never O(L x T).
-        """
         if self.path != "auto":
             return self.path == "sparse"
-        a, H = self.args, self.num_heads
-        C, R = a.kv_lora_rank, a.qk_rope_head_dim
-        sparse = L * k * H * (2 * C + R)
-        if L <= ABSORBED_MAX_TOKENS:
-            dense = L * T * H * (2 * C + R)
-        else:
-            dense = L * T * H * (a.qk_head_dim + a.v_head_dim) + T * H * C * (a.qk_nope_head_dim + a.v_head_dim)
-        return sparse <= dense or L * T * H > DENSE_SCORE_BUDGET
+        return sparse_wins(self.args, L, T, k)
 
     def _scale_in_query(self, n_keys: int) -> bool:
         # Apply the softmax scale to whichever is smaller: the [.., C+R] query or the [.., n_keys] scores.

@@ -19,11 +19,13 @@ from __future__ import annotations
 import mlx.core as mx
 from mlx_lm.models.cache import _BaseCache
 
+GROWTH_STEP = 256  # tokens: buffers hold a multiple of this (the planner prices the rounding)
+
 
 class _GrowingBuffer:
     """A [B, 1, T, D] array that grows along T in fixed steps (like mlx-lm's KVCache)."""
 
-    step = 256
+    step = GROWTH_STEP
 
     def __init__(self):
         self.data: mx.array | None = None

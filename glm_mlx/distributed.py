@@ -130,9 +130,10 @@ class PipelineModel:
         if self.rank == 0 and self.size > 1:
             self.broadcast_request({"op": "exit"})
 
-    def __call__(self, inputs: mx.array, cache=None, return_hidden: bool = False):
+    def __call__(self, inputs: mx.array, cache=None, return_hidden: bool = False, last_only: bool = False):
         self._step_header()
         B, L = inputs.shape
+        rows = 1 if last_only else L
         D, V = self.args.hidden_size, self.args.vocab_size
         if self.first:
             h = self.model.model.embed_tokens(inputs)
@@ -143,10 +144,10 @@ class PipelineModel:
             h, topk = layer(h, c, topk)
         if self.last:
             h = self.model.model.norm(h)
-            logits = self._share(self.model.lm_head(h))
+            logits = self._share(self.model.lm_head(h[:, -rows:]))
         else:
             sent = mx.distributed.send(h, self.rank + 1, group=self.group)
-            logits = self._share(mx.zeros((B, L, V), mx.float32), depends_on=sent)
+            logits = self._share(mx.zeros((B, rows, V), mx.float32), depends_on=sent)
             h = mx.zeros((B, L, 1), self.dtype)  # the hidden state lives on the last rank
         return (logits, h) if return_hidden else logits
 

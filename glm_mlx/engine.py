@@ -60,8 +60,9 @@ class Engine:
 
     # --- prefill ---------------------------------------------------------------------------
     def _forward(self, pc: PromptCache, toks: list[int]) -> mx.array:
-        """Run the main model on toks (appending to the cache) and feed the MTP layer; return logits [1, L, V]."""
-        logits, hidden = self.model(mx.array([toks]), cache=pc.cache, return_hidden=True)
+        """Run the main model on toks (appending to the cache) and feed the MTP layer; return the
+        last position's logits [1, 1, V]."""
+        logits, hidden = self.model(mx.array([toks]), cache=pc.cache, return_hidden=True, last_only=True)
         if pc.mtp_cache is not None:
             # MTP slot i pairs h_i with token i+1: write the pending positions and every new
             # position but the last (whose next token is not known yet), which becomes pending.

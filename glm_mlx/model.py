@@ -89,10 +89,11 @@ class Model(nn.Module):
         self.model = GlmModel(args, self.has_mtp)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def __call__(self, inputs: mx.array, cache=None, return_hidden: bool = False):
-        """inputs [B, L] token ids -> logits [B, L, vocab] (and the final-normed hidden [B, L, hidden])."""
+    def __call__(self, inputs: mx.array, cache=None, return_hidden: bool = False, last_only: bool = False):
+        """inputs [B, L] token ids -> logits [B, L, vocab] ([B, 1, vocab] for the last position only
+        with last_only, as prefill needs: no [L, vocab] block) and the final-normed hidden [B, L, hidden]."""
         h = self.model(inputs, cache)
-        logits = self.lm_head(h)
+        logits = self.lm_head(h[:, -1:] if last_only else h)
         return (logits, h) if return_hidden else logits
 
     def mtp_logits(self, hidden: mx.array, next_tokens: mx.array, cache: DSACache | None = None):

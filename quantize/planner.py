@@ -1,11 +1,12 @@
 """Memory planner: will a config fit a Mac under a recipe, at what context, and how fast.
 
 Everything is priced from a config alone: weights exactly (formats.py via recipe.resolve), the
-KV cache from `ModelArgs.cache_bytes_per_token` (the contract with the model's caches), and the
-working set from the small formulas in `working_set`. Speeds are a bandwidth roofline (decode)
-and a compute roofline (prefill) with efficiencies calibrated on the published M3 Ultra runs
-(`calibration`). Hooks for later checks: `Weights.tensor_bytes` (per tensor, for a converted
-checkpoint to match to the byte) and `Plan.total_bytes` (for the measured peak-memory test).
+KV cache from `ModelArgs.cache_bytes_per_token` (the contract with the model's caches) over the
+rows the cache allocates, and the working set (a prefill chunk's transient tensors) from
+`working_set`. Speeds are a bandwidth roofline (decode) and a compute roofline (prefill) with
+efficiencies calibrated on the published M3 Ultra runs (`calibration`). Hooks for later checks:
+`Weights.tensor_bytes` (per tensor, for a converted checkpoint to match to the byte) and
+`Plan.total_bytes` (tests/test_planner_memory.py checks it against MLX's measured peak memory).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from importlib.resources import files
 
+from glm_mlx import attention
+from glm_mlx.cache import GROWTH_STEP
 from glm_mlx.config import ModelArgs
 from glm_mlx.errors import GlmMlxError
 from glm_mlx.pipeline_split import split_layers
@@ -24,7 +27,10 @@ from .inventory import ROUTED, inventory, model_dtype_bytes
 from .macs import GiB, Mac, get_mac, sysctl_command
 from .recipe import Recipe, default_recipe, resolve
 
-SCORE_BYTES = 4  # attention / indexer scores and logits are float32
+SCORE_BYTES = 4  # attention and indexer scores are float32
+# Query chunks (indexer, sparse attention) whose tensors are alive at once: MLX queues ~50 ops
+# ahead of execution, allocating their outputs, which covers about this many chunks.
+IN_FLIGHT = 4
 HEADROOM = 2 * GiB  # asked for above the plan when raising the wired limit (allocator slack)
 # Published GLM-5.1 MLX runs on an M3 Ultra 512 GB, 1024-token prompt, 512 generated
 # (reference notes): (bits per weight, prefill tok/s, decode tok/s).
@@ -75,35 +81,88 @@ def price(args: ModelArgs, recipe: Recipe, mtp: bool = True) -> Weights:
 
 
 def working_set(args: ModelArgs, context: int, mtp: bool = True, prefill_chunk: int = 2048) -> dict[str, int]:
-    """Transient bytes of one prefill chunk (all terms counted as live at once: an upper bound).
+    """Transient bytes of the last prefill chunk (the largest: its queries see the whole context).
 
-    c = tokens per chunk = min(prefill_chunk, context); k = keys each query attends =
-    min(context, index_topk) (DSA: sparse past index_topk); a = activation bytes (model dtype).
+    "activations" and "cache growth" are alive through a layer; the other entries are the phases
+    of a layer (attention, MLP) and of the chunk's end (logits, MTP layer). Phases run one after
+    another, but MLX allocates an op's output when the op is queued, ahead of its execution, so a
+    phase's first tensors appear while the previous phase's are still alive: each phase entry
+    includes that overlap. Peak = through-layer entries + the largest phase (`working_set_bytes`).
+    Sizes mirror glm_mlx.attention, glm_mlx.moe (mlx-lm's SwitchGLU) and the engine (logits for the
+    last position): c = tokens per chunk = min(prefill_chunk, context), T = context, k = index_topk,
+    a = activation bytes (model dtype).
     """
-    a, c = model_dtype_bytes(args), min(prefill_chunk, max(context, 1))
-    H, k = args.num_attention_heads, min(context, args.index_topk)
+    a, c, T = model_dtype_bytes(args), min(prefill_chunk, max(context, 1)), max(context, 1)
+    d, H, h, D = args.hidden_size, args.num_attention_heads, args.index_n_heads, args.index_head_dim
+    C, R, N, V = args.kv_lora_rank, args.qk_rope_head_dim, args.qk_nope_head_dim, args.v_head_dim
+    CR, k, E, I = C + R, args.index_topk, args.n_routed_experts or 0, args.moe_intermediate_size
     ws = {
-        # residual, normed input, attention and MLP outputs; per-head q and attention output;
-        # q/kv latents and rope keys; indexer queries
-        "activations": c * a * (4 * args.hidden_size + H * (args.qk_head_dim + args.v_head_dim) + args.q_lora_rank
-                                + args.kv_lora_rank + 2 * args.qk_rope_head_dim + args.index_n_heads * args.index_head_dim),
-        # float32 scores + probabilities over the attended keys, and those keys expanded per head
-        "attention scores": c * H * k * (SCORE_BYTES + a) + k * H * (args.qk_head_dim + args.v_head_dim) * a,
-        # indexer (only past index_topk): running float32 head-sum + one head's scores over the
-        # whole context, and the selected positions (int32)
-        "indexer scores": (2 * c * context * SCORE_BYTES + c * k * 4) if context > args.index_topk else 0,
-        # the larger of a MoE block (gate, up, act per selected expert + their outputs, shared
-        # experts, router scores) and a dense MLP block
-        "MLP intermediates": c * max(
-            a * (args.num_experts_per_tok * (3 * args.moe_intermediate_size + args.hidden_size)
-                 + 3 * args.moe_intermediate_size * (args.n_shared_experts or 0)) + 4 * (args.n_routed_experts or 0),
-            3 * a * args.intermediate_size),
-        "logits": c * args.vocab_size * SCORE_BYTES,  # float32 logits for the chunk
+        # residual and normed input; q latent (before and after its norm); per-head queries and
+        # their roped half; kv latent, normed latent + roped key, their cache row; indexer key
+        # (projected, normed, roped), queries (projected, roped, float32) and head weights
+        "activations": c * (a * (2 * d + 2 * args.q_lora_rank + H * (args.qk_head_dim + R) + 3 * CR + 3 * D
+                                 + 2 * h * D + h) + SCORE_BYTES * (h * D + 2 * h)),
+        # a layer's cache buffer growing (GROWTH_STEP rows at a time): the old buffer is copied
+        # into the new one, so both are alive for a moment
+        "cache growth": (args.latent_bytes_per_token(a) + args.indexer_bytes_per_token(a))
+                        * max(0, cache_tokens(T) - cache_tokens(c)),
     }
-    if mtp and args.num_nextn_predict_layers:
-        # concat(enorm(embed), hnorm(h)) for the chunk + float32 logits of 3 draft positions
-        ws["MTP extras"] = c * 2 * args.hidden_size * a + 3 * args.vocab_size * SCORE_BYTES
+    # Attention. Past k the indexer scores query chunks of Lc rows: float32 per-head scores
+    # [Lc, h, T], then their head sum and its masked copy [Lc, T], the causal mask (bool), and the
+    # cached keys cast to float32 [T, D] (per chunk; 8-bit keys are read as they are). Chunks are
+    # chained, but MLX queues ops (and allocates their outputs) ahead of execution: about
+    # IN_FLIGHT chunks are alive at once.
+    idx = 0
+    if T > k:
+        Lc = min(c, max(1, attention.INDEX_SCORE_BUDGET // (h * T)))
+        keys = 0 if args.index_cache_bits else T * D * SCORE_BYTES
+        idx = min(c, IN_FLIGHT * Lc) * T * (SCORE_BYTES * (h + 2) + 1) + min(-(-c // Lc), IN_FLIGHT) * keys
+    if T > k and attention.sparse_wins(args, c, T, k):
+        # Sparse, per query chunk of Ls rows: the gathered cache rows [Ls, k, C+R] (the first are
+        # allocated while the indexer's scores are alive), ~6 query-side [H, C+R] tensors (the
+        # budget's estimate), scores in the model dtype, float32 and back; then the per-head
+        # outputs of the whole chunk [H, c, V], accumulated and concatenated.
+        rows = min(c, IN_FLIGHT * min(c, max(1, attention.SPARSE_CHUNK_BYTES // ((k + 6 * H) * CR * a))))
+        tail = rows * ((k + 6 * H) * CR * a + H * k * (2 * a + 2 * SCORE_BYTES)) + 2 * c * H * V * a
+        ws["attention"] = max(idx + rows * k * CR * a, tail)
+    elif c <= attention.ABSORBED_MAX_TOKENS:  # dense absorbed: latent query [H, c, C+R], scores [H, c, T]
+        ws["attention"] = tail = idx + c * H * (2 * CR * a + T * (2 * a + 2 * SCORE_BYTES)) + c * T
+    else:  # dense expanded: keys and values per head [H, T, ...], SDPA scores and probabilities [H, c, T]
+        ws["attention"] = tail = (idx + T * H * (N + V + args.qk_head_dim) * a
+                                  + c * H * (args.qk_head_dim * a + T * 2 * a) + c * T)
+    # MLP. MoE: router input and scores (float32), the chunk's rows sorted by expert [c x k_e, d]
+    # and their gate/up projections [c x k_e, I] (the head), then the activation, down projection,
+    # un-sorted copy, shared experts. Dense: gate, up (the head), activation. The head is
+    # allocated while the attention's last tensors are alive.
+    moe_head = c * (SCORE_BYTES * (d + 2 * E) + a * args.num_experts_per_tok * (d + 2 * I))
+    moe = moe_head + c * a * (args.num_experts_per_tok * (2 * d + I) + 3 * I * (args.n_shared_experts or 0) + d)
+    dense_head = c * a * 2 * args.intermediate_size
+    mlp = max(moe if E else 0, dense_head + c * a * (args.intermediate_size + d))
+    ws["MLP"] = max(mlp, tail + max(moe_head if E else 0, dense_head))
+    # The final-normed hidden of every position of the chunk and the last position's logits (the
+    # engine's prefill asks for no more), in the model dtype.
+    # Without MTP they follow the last MLP block, whose tensors are still alive when they are
+    # allocated; with MTP the MTP layer runs in between (it reads the final hidden).
+    mtp = mtp and bool(args.num_nextn_predict_layers)
+    ws["logits"] = (c * d + args.vocab_size) * a + (0 if mtp else mlp)
+    if mtp:
+        # the MTP layer: a decoder layer (the same phases) whose input is the draft embeddings,
+        # their enorm/hnorm outputs and concatenation [c, 2 x hidden]
+        ws["MTP layer"] = c * 5 * d * a + max(ws["attention"], ws["MLP"])
     return ws
+
+
+ALWAYS = ("activations", "cache growth")  # working-set entries alive through every phase
+
+
+def working_set_bytes(ws: dict[str, int]) -> int:
+    """Peak transient bytes of a working set: what lives through a layer + the largest phase."""
+    return sum(ws.get(n, 0) for n in ALWAYS) + max((v for n, v in ws.items() if n not in ALWAYS), default=0)
+
+
+def cache_tokens(context: int) -> int:
+    """Tokens the KV cache buffers hold at `context`: they grow in GROWTH_STEP-token steps."""
+    return -(-context // GROWTH_STEP) * GROWTH_STEP
 
 
 def kv_read_bytes(args: ModelArgs, position: int, dtype_bytes: int = 2) -> int:
@@ -219,7 +278,7 @@ def plan(args: ModelArgs, recipe: Recipe, mac: Mac, context: int | None = None, 
     kvpt = args.cache_bytes_per_token(cache_dtype_bytes, mtp)
 
     def total_at(n: int) -> int:
-        return w.total + kvpt * n + sum(working_set(args, n, mtp, prefill_chunk).values())
+        return w.total + kvpt * cache_tokens(n) + working_set_bytes(working_set(args, n, mtp, prefill_chunk))
 
     ws = working_set(args, context, mtp, prefill_chunk)
     total = total_at(context)
@@ -240,11 +299,12 @@ def plan(args: ModelArgs, recipe: Recipe, mac: Mac, context: int | None = None, 
     return Plan(
         model=model, mac=mac, context=context, mtp=mtp, recipe=recipe, cache_dtype_bytes=cache_dtype_bytes,
         prefill_chunk=prefill_chunk, params=w.params, weights_bytes=w.total, weights_by_component=w.by_component,
-        kept_unquantized=w.kept, unused_rules=w.unused_rules, kv_bytes_per_token=kvpt, kv_bytes=kvpt * context, working_set=ws,
-        working_set_bytes=sum(ws.values()), total_bytes=total, os_allowance_bytes=mac.memory_bytes - top,
+        kept_unquantized=w.kept, unused_rules=w.unused_rules, kv_bytes_per_token=kvpt,
+        kv_bytes=kvpt * cache_tokens(context), working_set=ws,
+        working_set_bytes=working_set_bytes(ws), total_bytes=total, os_allowance_bytes=mac.memory_bytes - top,
         wired_limit_bytes=default, max_wired_limit_bytes=top, fits=fits, sysctl=sysctl,
-        max_context=max_context(total_at, top, args, prefill_chunk),
-        max_context_default_limit=max_context(total_at, default, args, prefill_chunk),
+        max_context=max_context(total_at, top, args),
+        max_context_default_limit=max_context(total_at, default, args),
         decode_bytes_per_token=w.decode_bytes + kv_read_bytes(args, context, cache_dtype_bytes),
         decode_tok_s=decode(context), prefill_tok_s=prefill(context),
         decode_tok_s_1k=decode(1024), prefill_tok_s_1k=prefill(1024),
@@ -252,22 +312,20 @@ def plan(args: ModelArgs, recipe: Recipe, mac: Mac, context: int | None = None, 
     )
 
 
-def max_context(total_at, limit: int, args: ModelArgs, prefill_chunk: int) -> int:
-    """Largest context whose total fits `limit`, capped at max_position_embeddings; 0 if none.
-    Past max(prefill_chunk, index_topk) the total is linear in the context (full chunks, fixed
-    top-k, indexer on), so solve it there; below, bisect (the total only grows with the context)."""
-    cap, knee = args.max_position_embeddings, max(prefill_chunk, args.index_topk) + 1
+def max_context(total_at, limit: int, args: ModelArgs) -> int:
+    """Largest context n whose total fits `limit` while n + 1 does not (or max_position_embeddings
+    if that fits); 0 if none. Bisection: the cache grows in steps and the indexer's query chunks
+    are rounded, so the total is not linear in n."""
+    cap = args.max_position_embeddings
     if total_at(1) > limit:
         return 0
-    if total_at(knee) <= limit:
-        slope = total_at(knee + 1) - total_at(knee)
-        n = knee + (limit - total_at(knee)) // slope if slope > 0 else cap
-        return int(min(n, cap))
-    lo, hi = 1, knee  # total_at(lo) fits, total_at(hi) does not
+    if total_at(cap) <= limit:
+        return cap
+    lo, hi = 1, cap  # total_at(lo) fits, total_at(hi) does not
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if total_at(mid) <= limit else (lo, mid)
-    return min(lo, cap)
+    return lo
 
 
 def assumptions(mac: Mac, cal: dict, mtp: bool, chunk: int) -> list[str]:
@@ -275,8 +333,8 @@ def assumptions(mac: Mac, cal: dict, mtp: bool, chunk: int) -> list[str]:
         f"Default GPU wired limit {mac.default_wired_limit / GiB:.1f} GiB (macOS's recommendedMaxWorkingSetSize by RAM "
         f"size); raising it leaves {mac.os_reserve / GiB:.0f} GiB to macOS and other apps.",
         f"Weights priced exactly as MLX stores them; routed experts read at num_experts_per_tok / n_routed per token.",
-        f"Prefill in {chunk}-token chunks; DSA attends min(context, index_topk) keys per query; the indexer "
-        "scores the whole context one head at a time.",
+        f"Prefill in {chunk}-token chunks (logits for the last position only); DSA attends min(context, index_topk) keys "
+        "per query; the indexer scores the whole context for a few queries at a time.",
         f"Decode = {cal['decode_efficiency']:.2f} x bandwidth / bytes read per token; prefill = "
         f"{cal['prefill_efficiency']:.2f} x fp16 GPU peak / flops per token; both fitted to published M3 Ultra runs.",
         "MTP layer " + ("held in memory; speculative-decoding speed-up (+24-31% reported) not included."
@@ -291,8 +349,8 @@ def weights_budget(args: ModelArgs, mac: Mac, context: int, mtp: bool = True, ca
     """Bytes left for weights once the KV cache and working set at `context` are wired."""
     mtp = mtp and bool(args.num_nextn_predict_layers)
     limit = mac.default_wired_limit if within_default_limit else mac.max_wired_limit
-    ws = sum(working_set(args, context, mtp, prefill_chunk).values())
-    return limit - args.cache_bytes_per_token(cache_dtype_bytes, mtp) * context - ws
+    ws = working_set_bytes(working_set(args, context, mtp, prefill_chunk))
+    return limit - args.cache_bytes_per_token(cache_dtype_bytes, mtp) * cache_tokens(context) - ws
 
 
 def best_recipe_for(args: ModelArgs, mac: Mac, context: int | None = None, mtp: bool = True,
@@ -362,14 +420,16 @@ def plan_pipeline(args: ModelArgs, recipe: Recipe, macs: list[Mac], context: int
             side = 0 if t.module == "model.embed_tokens" else 1
             side_w[side] += b
             side_read[side] += r
+    rows = cache_tokens(context)
     layer_kv = [(args.latent_bytes_per_token(cache_dtype_bytes)
-                 + (args.indexer_bytes_per_token(cache_dtype_bytes) if args.has_indexer(l) else 0)) * context for l in range(L)]
-    mtp_kv = args.cache_bytes_per_token(cache_dtype_bytes, mtp) * context - sum(layer_kv)
+                 + (args.indexer_bytes_per_token(cache_dtype_bytes) if args.has_indexer(l) else 0)) * rows for l in range(L)]
+    mtp_kv = args.cache_bytes_per_token(cache_dtype_bytes, mtp) * rows - sum(layer_kv)
     ws_all = working_set(args, context, mtp, prefill_chunk)
-    ws_mid = sum(v for k, v in ws_all.items() if k not in ("logits", "MTP extras"))  # only the last rank has them
+    ws_last = working_set_bytes(ws_all)
+    ws_mid = working_set_bytes({k: v for k, v in ws_all.items() if k not in ("logits", "MTP layer")})  # last rank only
     # With MTP the last rank also keeps a copy of the embedding (the MTP layer embeds draft tokens).
     embed_copy = side_w[0] if mtp and n > 1 else 0
-    fixed = [(side_w[0] if i == 0 else 0) + (side_w[1] + embed_copy + mtp_kv + sum(ws_all.values()) if i == n - 1 else ws_mid)
+    fixed = [(side_w[0] if i == 0 else 0) + (side_w[1] + embed_copy + mtp_kv + ws_last if i == n - 1 else ws_mid)
              for i in range(n)]
     caps = [max(m.max_wired_limit - f, 1) for m, f in zip(macs, fixed)]  # room left for decoder layers
     sizes = [layer_w[l] + layer_kv[l] for l in range(L)]
@@ -380,7 +440,7 @@ def plan_pipeline(args: ModelArgs, recipe: Recipe, macs: list[Mac], context: int
         first, last = i == 0, i == n - 1
         wb = sum(layer_w[a:b + 1]) + (side_w[0] if first else 0) + (side_w[1] + embed_copy if last else 0)
         kv = sum(layer_kv[a:b + 1]) + (mtp_kv if last else 0)
-        ws = sum(ws_all.values()) if last else ws_mid
+        ws = ws_last if last else ws_mid
         tot = wb + kv + ws
         fits = "yes" if tot <= mac.default_wired_limit else "raise-wired-limit" if tot <= mac.max_wired_limit else "no"
         read = sum(layer_read[a:b + 1]) + (side_read[0] if first else 0) + (side_read[1] if last else 0)
