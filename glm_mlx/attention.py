@@ -99,14 +99,17 @@ class Indexer(nn.Module):
         # both positive scales fold into the per-head weights.
         w = self.weights_proj(x).astype(mx.float32) * (h**-0.5 * D**-0.5)  # [B, L, h]
         size = self.query_chunk or max(1, INDEX_SCORE_BUDGET // (h * T))
+        if not isinstance(k, tuple):
+            k = k[:, 0].astype(mx.float32)  # [B, T, D]: cast once, not once per query chunk
         out = []
         for s, e in chunks(L, size):
             Tc = T - L + e  # keys visible to the chunk's last query: the rest are never scored
             if Tc <= self.topk:  # every query of the chunk sees at most k keys: take them all
                 out.append(mx.broadcast_to(mx.arange(self.topk, dtype=mx.int32), (B, e - s, self.topk)))
                 continue
-            # Chained on the previous chunk so chunks run one after another: only one chunk's
-            # scores are alive at a time (otherwise MLX may schedule them side by side).
+            # Chained on the previous chunk so chunks run one after another; without it MLX may
+            # schedule them all side by side. (MLX still allocates the outputs of the few chunks
+            # queued ahead of execution: the planner counts planner.IN_FLIGHT alive at once.)
             qc = mx.depends(q[:, s:e], out[-1]) if out else q[:, s:e]
             score = self._score(qc, w[:, s:e], k, Tc)  # [B, Lc, Tc]
             if e - s > 1:
@@ -115,14 +118,15 @@ class Indexer(nn.Module):
         return out[0] if len(out) == 1 else mx.concatenate(out, axis=1)
 
     def _score(self, q, w, k, Tc: int) -> mx.array:
-        """q [B, Lc, h, D] f32, w [B, Lc, h] -> index scores [B, Lc, Tc] over the first Tc keys."""
+        """q [B, Lc, h, D] f32, w [B, Lc, h], keys [B, T, D] f32 (or 8-bit [B, 1, T, .] triple)
+        -> index scores [B, Lc, Tc] over the first Tc keys."""
         B, Lc, h, D = q.shape
         q = q.reshape(B, Lc * h, D)
         if isinstance(k, tuple):  # 8-bit keys: dequantisation fused into the matmul
             kq, ks, kb = (a[:, 0, :Tc] for a in k)
             s = mx.quantized_matmul(q, kq, ks, kb, transpose=True, group_size=D, bits=self.key_bits)
         else:
-            s = q @ k[:, 0, :Tc].astype(mx.float32).swapaxes(-1, -2)  # [B, Lc*h, Tc]
+            s = q @ k[:, :Tc].swapaxes(-1, -2)  # [B, Lc*h, Tc]
         s = mx.maximum(s, 0.0).reshape(B, Lc, h, Tc)
         # The weighted head sum as a batched mat-vec: no [B, Lc, h, Tc] product tensor.
         return (w[:, :, None, :] @ s)[:, :, 0]  # [B, Lc, 1, Tc] -> [B, Lc, Tc]
@@ -248,7 +252,7 @@ class MLAttention(nn.Module):
         size = self.query_chunk or max(1, SPARSE_CHUNK_BYTES // per_query)
         outs = []
         for s, e in chunks(L, size):
-            idx = mx.depends(rows[:, s:e], outs[-1]) if outs else rows[:, s:e]  # one chunk at a time
+            idx = mx.depends(rows[:, s:e], outs[-1]) if outs else rows[:, s:e]  # chunks in order
             sel = mx.take(flat, idx, axis=0)  # [B, Lc, k, C+R]
             q = self._latent_query(q_nope[:, :, s:e], q_pe[:, :, s:e], k).transpose(0, 2, 1, 3)  # [B, Lc, H, C+R]
             scores = q @ sel.swapaxes(-1, -2)  # [B, Lc, H, k]

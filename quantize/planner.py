@@ -109,14 +109,14 @@ def working_set(args: ModelArgs, context: int, mtp: bool = True, prefill_chunk: 
     }
     # Attention. Past k the indexer scores query chunks of Lc rows: float32 per-head scores
     # [Lc, h, T], then their head sum and its masked copy [Lc, T], the causal mask (bool), and the
-    # cached keys cast to float32 [T, D] (per chunk; 8-bit keys are read as they are). Chunks are
+    # cached keys cast to float32 [T, D] (once per layer; 8-bit keys are read as they are). Chunks are
     # chained, but MLX queues ops (and allocates their outputs) ahead of execution: about
     # IN_FLIGHT chunks are alive at once.
     idx = 0
     if T > k:
         Lc = min(c, max(1, attention.INDEX_SCORE_BUDGET // (h * T)))
         keys = 0 if args.index_cache_bits else T * D * SCORE_BYTES
-        idx = min(c, IN_FLIGHT * Lc) * T * (SCORE_BYTES * (h + 2) + 1) + min(-(-c // Lc), IN_FLIGHT) * keys
+        idx = min(c, IN_FLIGHT * Lc) * T * (SCORE_BYTES * (h + 2) + 1) + keys
     if T > k and attention.sparse_wins(args, c, T, k):
         # Sparse, per query chunk of Ls rows: the gathered cache rows [Ls, k, C+R] (the first are
         # allocated while the indexer's scores are alive), ~6 query-side [H, C+R] tensors (the
