@@ -109,7 +109,7 @@ class Indexer(nn.Module):
                 continue
             # Chained on the previous chunk so chunks run one after another; without it MLX may
             # schedule them all side by side. (MLX still allocates the outputs of the few chunks
-            # queued ahead of execution: the planner counts planner.IN_FLIGHT alive at once.)
+            # queued ahead of execution: the planner counts working_set.IN_FLIGHT alive at once.)
             qc = mx.depends(q[:, s:e], out[-1]) if out else q[:, s:e]
             score = self._score(qc, w[:, s:e], k, Tc)  # [B, Lc, Tc]
             if e - s > 1:
