@@ -37,7 +37,7 @@ from huggingface_hub.file_download import http_get, repo_folder_name
 from huggingface_hub.utils import WeakFileLock, build_hf_headers, filter_repo_objects, validate_repo_id
 from tqdm.auto import tqdm
 
-from .errors import GlmMlxError
+from .errors import CheckpointError, GlmMlxError
 from .progress import TransferBars
 
 RESUME_HINT = "Re-run the same command: finished files and partial downloads are kept and it resumes."
@@ -53,7 +53,7 @@ class DiskSpaceError(GlmMlxError):
     """Not enough free disk space for what is left to download."""
 
 
-class ModelNotFoundError(GlmMlxError):
+class ModelNotFoundError(CheckpointError):
     """Neither a local model folder nor a repo present in the local Hugging Face cache."""
 
 
@@ -357,10 +357,10 @@ def resolve_model_path(path_or_repo: str | Path) -> Path:
         return path
     name = str(path_or_repo)
     if path.exists():
-        raise ModelNotFoundError(f"{name} is a file, not a model folder",
+        raise ModelNotFoundError(f"{name} is a file, not a checkpoint folder",
                                  hint="Pass the folder holding config.json and the *.safetensors files.")
     if not _looks_like_repo_id(name):
-        raise ModelNotFoundError(f"model folder not found: {name}", hint="Check the path, or pass a Hub repo id"
+        raise ModelNotFoundError(f"no checkpoint folder at {name}", hint="Check the path, or pass a Hub repo id"
                                  " (owner/name) fetched with `glm-mlx download REPO`.")
     try:
         return Path(snapshot_download(name, local_files_only=True))

@@ -22,17 +22,13 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 def resolve_path(path_or_repo: str | Path) -> Path:
-    """A local folder, or a repo id already in the Hugging Face cache."""
+    """A local folder, or a repo id already in the Hugging Face cache (hub.resolve_model_path)."""
     p = Path(path_or_repo).expanduser()
     if p.is_dir():
-        return p
-    if p.exists():
-        raise CheckpointError(f"{p} is a file, not a checkpoint folder", "Pass the folder holding config.json.")
-    if "/" in str(path_or_repo) and not str(path_or_repo).startswith((".", "/")):
-        from .hub import resolve_model_path  # here: huggingface_hub only when a repo id is given
+        return p  # the common case: no huggingface_hub import
+    from .hub import resolve_model_path
 
-        return resolve_model_path(str(path_or_repo))
-    raise CheckpointError(f"no checkpoint folder at {p}", "Pass a folder with config.json and *.safetensors, or a downloaded repo id.")
+    return resolve_model_path(path_or_repo)
 
 
 def read_config(path: Path) -> dict:

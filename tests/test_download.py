@@ -197,7 +197,7 @@ def test_resolve_model_path_errors(hub, tmp_path):
         hublib.resolve_model_path("org/absent")
     assert "not in the Hugging Face cache" in str(err.value)
     assert err.value.hint == "Download it first: glm-mlx download org/absent"
-    with pytest.raises(hublib.ModelNotFoundError, match="model folder not found"):
+    with pytest.raises(hublib.ModelNotFoundError, match="no checkpoint folder"):
         hublib.resolve_model_path(str(tmp_path / "nowhere"))
     (tmp_path / "f.txt").write_text("x")
     with pytest.raises(hublib.ModelNotFoundError, match="is a file"):
