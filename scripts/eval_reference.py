@@ -120,6 +120,36 @@ def indexer_recall(model, ids: np.ndarray, ctx: int, n_windows: int) -> dict:
             "chance": float(chance), "topk": k, "context": ctx}
 
 
+def index_cache_8bit(model, ids: np.ndarray, ctx: int, n_windows: int) -> dict:
+    """The opt-in 8-bit indexer key cache against exact keys: held-out perplexity, and per layer
+    the share of the exact top-k that the 8-bit scores select (queries past index_topk)."""
+    k = model.args.index_topk
+    agree = {}
+    for s in np.linspace(0, len(ids) - ctx - 1, n_windows).astype(int):
+        h = model.model.embed_tokens(mx.array(ids[None, s : s + ctx]))
+        for li, dec in enumerate(model.layers):
+            attn = dec.self_attn
+            if attn.indexer is not None:
+                x = dec.input_layernorm(h)
+                qr = attn.q_a_layernorm(attn.q_a_proj(x))
+                picks = []
+                for bits in (None, 8):
+                    attn.indexer.key_bits = bits
+                    picks.append(np.array(attn.indexer(x, qr, 0, None))[0])
+                attn.indexer.key_bits = None
+                exact, q8 = picks
+                agree.setdefault(li, []).append(np.mean([len(np.intersect1d(exact[t], q8[t])) / k for t in range(k, ctx)]))
+            h, _ = dec(h)
+    exact_ppl = perplexity(model, ids, ctx)
+    model.set_index_cache_bits(8)
+    try:
+        q8_ppl = perplexity(model, ids, ctx)
+    finally:
+        model.set_index_cache_bits(None)
+    return {"perplexity_exact": exact_ppl, "perplexity_8bit": q8_ppl,
+            "topk_agreement": {li: float(np.mean(v)) for li, v in agree.items()}, "context": ctx}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=ROOT / "glm_mlx" / "data" / "glm-mini")
@@ -150,6 +180,7 @@ def main():
     out["mtp_draft2"] = mtp_acceptance(model, held, args.prompts // 2, 64, args.gen, num_draft=2)
     print(json.dumps({k: out[k] for k in ("mtp_teacher_forced_top1", "mtp", "mtp_draft2")}), flush=True)
     out["indexer"] = indexer_recall(model, held, args.ctx, 8)
+    out["index_cache_8bit"] = index_cache_8bit(model, held, args.ctx, 8)
     out["eval_seconds"] = round(time.time() - t0, 1)
     text = json.dumps(out, indent=2)
     print(text)
