@@ -124,10 +124,13 @@ class Engine:
             mx.async_eval(nxt)
             return nxt
 
+        if stats.generated >= max_tokens:
+            return
         # mlx-lm's pipelining: the next step is built from the device token before the host reads
-        # the current one, so Python builds step n+1 while the device evaluates step n.
-        pc.tokens.append(y)
+        # the current one, so Python builds step n+1 while the device evaluates step n. A token
+        # joins pc.tokens once its step is built (step's history is pc.tokens + that token).
         nxt = step(mx.array([y]))
+        pc.tokens.append(y)
         while stats.generated < max_tokens:
             cur = nxt
             feed = stats.generated + 1 < max_tokens  # is another token needed after this one?

@@ -196,3 +196,13 @@ def test_repetition_penalty_mtp_equals_plain(model, monkeypatch):
     got = list(Engine(model, SamplingParams(repetition_penalty=1.5), mtp=True, num_draft=2).generate(
         PROMPT, max_tokens=60, stats=stats))
     assert got == expected and stats.accepted > 0
+
+
+def test_logits_processors_see_exactly_the_tokens_so_far(model):
+    """Pipelined plain decoding hands every logits processor the prompt and the tokens emitted
+    before (MTP's histories are checked by test_repetition_penalty_mtp_equals_plain)."""
+    engine = Engine(model, SamplingParams(repetition_penalty=1.1), mtp=False)
+    seen = []
+    engine.sampler.processors = [lambda tokens, logits: seen.append(tokens.tolist()) or logits]
+    got = list(engine.generate(PROMPT, max_tokens=12))
+    assert seen == [PROMPT + got[:i] for i in range(len(got))]
