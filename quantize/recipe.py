@@ -204,11 +204,13 @@ def recipe_from_quantization(q: dict, name: str = "from config.json") -> Recipe:
 
 def default_recipe() -> Recipe:
     """glm-mlx's default: fits GLM-5.1 (with MTP) in <= 361 GB (the llama.cpp IQ4_XS size that
-    runs at full context on a 512 GB Mac) - 359.7 GB by `glm-mlx fit`.
+    runs at full context on a 512 GB Mac) - 360.2 GB by `glm-mlx fit`.
 
     Why this split: routed experts are ~97% of the parameters but only 8 of 256 run per token,
     so they take the low bits (down_proj, the more sensitive projection, a little more); the
-    small always-active parts (attention, indexer, shared experts, dense MLP) get 6 bits.
+    small always-active parts (attention, indexer, shared experts, dense MLP) and the embeddings
+    and lm_head (the largest single source of KL at 4 bits, docs/quantization.md) get 6 bits;
+    the MTP layer, which only changes draft acceptance, stays at 4.
     """
     f = parse_format
     return Recipe(f("affine4g64"), [
@@ -218,4 +220,5 @@ def default_recipe() -> Recipe:
         Rule(f("affine6g64"), component="indexer"),
         Rule(f("affine6g64"), component="shared experts"),
         Rule(f("affine6g64"), component="dense MLP"),
-    ], name="default (experts 3/4-bit, attention 6-bit, rest 4-bit)")
+        Rule(f("affine6g64"), component="embeddings/head"),
+    ], name="default (experts 3/4-bit, MTP 4-bit, the rest 6-bit)")
