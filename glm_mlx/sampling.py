@@ -95,8 +95,3 @@ def accept_prefix(verdict: list[int], k: int) -> tuple[int, int]:
         a += 1
     return a, verdict[k + a]
 
-
-def speculative_accept(sampler: Sampler, target_logits: mx.array, draft_logits: mx.array, drafts: list[int]):
-    """(accepted a, next token): the output distribution equals sampling from the target alone."""
-    verdict = verify_drafts(sampler, target_logits, draft_logits, mx.array(drafts, dtype=mx.int32)).tolist()
-    return accept_prefix(verdict, len(drafts))

@@ -10,7 +10,7 @@ from glm_mlx import load, load_model
 from glm_mlx.engine import Engine, StepStats
 from glm_mlx.generate import generate, stream_generate
 from glm_mlx.prompt_cache import PromptCache
-from glm_mlx.sampling import Sampler, SamplingParams, speculative_accept
+from glm_mlx.sampling import Sampler, SamplingParams, accept_prefix, verify_drafts
 
 PROMPT = [int(t) for t in np.random.RandomState(0).randint(11, 80, size=20)]  # > index_topk (8)
 
@@ -151,7 +151,7 @@ def test_speculative_sampling_preserves_distribution(k):
 
     def first_token():
         drafts = sampler.sample(draft).tolist()
-        a, nxt = speculative_accept(sampler, target, draft, drafts)
+        a, nxt = accept_prefix(verify_drafts(sampler, target, draft, mx.array(drafts, dtype=mx.int32)).tolist(), k)
         return drafts[0] if a >= 1 else nxt
 
     emp = _empirical(first_token, 6000, V)
