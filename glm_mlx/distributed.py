@@ -55,7 +55,7 @@ class NewRequest(Exception):
 
 
 class PipelineModel:
-    """The Model API the Engine uses (__call__, mtp_logits, mtp_draft, make_cache, args, has_mtp) for one rank.
+    """The Model API the Engine uses (__call__, mtp_draft, make_cache, args, has_mtp) for one rank.
 
     Control protocol: before every model call the ranks all_sum a one-element header. The leader
     (rank 0) sends 1 for "another step" or -n for "a new request of n JSON bytes follows"; so a
@@ -151,23 +151,16 @@ class PipelineModel:
             h = mx.zeros((B, L, 1), self.dtype)  # the hidden state lives on the last rank
         return (logits, h) if return_hidden else logits
 
-    def mtp_logits(self, hidden: mx.array, next_tokens: mx.array, cache: DSACache | None = None):
-        return self._mtp("mtp_logits", hidden, next_tokens, cache)
-
     def mtp_draft(self, hidden: mx.array, next_tokens: mx.array, cache: DSACache | None = None, row=None):
-        return self._mtp("mtp_draft", hidden, next_tokens, cache, row=row)
-
-    def _mtp(self, method: str, hidden, next_tokens, cache, **kw):
-        """The MTP layer runs on the last rank; every rank gets its logits (B, [L,] vocab)."""
+        """The MTP layer runs on the last rank; every rank gets the drafting row's logits [B, vocab]."""
         self._step_header()
         B, L = next_tokens.shape
         if self.last:
-            logits, h = getattr(self.model, method)(hidden, next_tokens, cache, **kw)
+            logits, h = self.model.mtp_draft(hidden, next_tokens, cache, row)
             return self._share(logits), h
         if cache is not None:
             cache.offset += L  # keep positions in step with the last rank's MTP cache
-        rows = (B, L) if method == "mtp_logits" else (B,)
-        return self._share(mx.zeros(rows + (self.args.vocab_size,), mx.float32)), mx.zeros((B, L, 1), self.dtype)
+        return self._share(mx.zeros((B, self.args.vocab_size), mx.float32)), mx.zeros((B, 1, 1), self.dtype)
 
     @property
     def resident_bytes(self) -> int:

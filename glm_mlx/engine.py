@@ -72,7 +72,9 @@ class Engine:
                 hs = mx.concatenate([pc.pending, hidden[:, :-1]], axis=1)
                 nxt = pc.tokens[pc.mtp_cache.offset + 1 :] + toks
             if nxt:
-                self.model.mtp_logits(hs, mx.array([nxt]), pc.mtp_cache)
+                # only the cache writes matter: mtp_draft's head covers one row (in a pipeline,
+                # the logits shared between ranks are [1, V], not [1, L, V])
+                self.model.mtp_draft(hs, mx.array([nxt]), pc.mtp_cache)
             pc.pending = hidden[:, -1:]
         pc.tokens.extend(toks)
         return logits
