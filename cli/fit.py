@@ -17,6 +17,7 @@ from glm_mlx.errors import ConfigError, GlmMlxError
 from glm_mlx.quantize.allocate import allocate
 from glm_mlx.quantize.formats import make_format
 from glm_mlx.quantize.macs import GiB, MacError, custom_mac, get_mac, mac_names, parse_size
+from glm_mlx.quantize.pipeline_plan import parse_macs
 from glm_mlx.quantize.planner import Plan, best_recipe_for, glm51_args, pipeline_size, plan, plan_pipeline
 from glm_mlx.quantize.recipe import Recipe, default_recipe, recipe_from_quantization
 from glm_mlx.quantize.serving import serving_plan
@@ -98,7 +99,7 @@ def fit(
     n_ctx = args.max_position_embeddings if context is None else context
     recipe = _choose_recipe(args, the_mac, n_ctx, mtp, recipe_file, bits, mode, group_size, target_size, solve)
     p = plan(args, recipe, the_mac, n_ctx, mtp=mtp, model=label)
-    pipe = plan_pipeline(args, recipe, [get_mac(m) for m in pipeline.split(",") if m.strip()], n_ctx, mtp) if pipeline else None
+    pipe = plan_pipeline(args, recipe, parse_macs(pipeline), n_ctx, mtp) if pipeline else None
     # When one Mac cannot hold it: how many of this Mac a pipeline needs (0: more than 8).
     needed = pipeline_size(args, the_mac, n_ctx, mtp, recipe) if p.fits == "no" and not pipe else None
     serving = serving_plan(p, max_batch) if p.fits != "no" else None

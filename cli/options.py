@@ -75,7 +75,12 @@ def load_for_generation(model: str | None, context: int = 8192, mtp: bool = True
 
         from glm_mlx.distributed import follow, pipeline_load
 
-        pm, path = pipeline_load(path, group, mtp=mtp)
+        ranges, stage = _planned_split(path, group, mtp)
+        pm, path = pipeline_load(path, group, ranges=ranges, mtp=mtp)
+        # Each rank says what it holds beside what the plan priced, so the two can be checked.
+        Console(stderr=True, highlight=False).print(
+            f"pipeline rank {group.rank()}/{group.size()} on {stage.mac.label}: layers {stage.layers[0]}-{stage.layers[1]}, "
+            f"weights {pm.resident_bytes} bytes (planned {stage.weights_bytes})", soft_wrap=True)
         if group.rank() != 0:
             follow(pm)
             raise typer.Exit(0)
@@ -89,3 +94,12 @@ def load_for_generation(model: str | None, context: int = 8192, mtp: bool = True
         Console(stderr=True).print("[dim]MTP off: this checkpoint has no MTP layer.[/]")
     set_wired_limit(check)
     return m, tok, path
+
+
+def _planned_split(path, group, mtp: bool):
+    """([start, end) per rank, this rank's planned stage): the planner's split for this pipeline's Macs,
+    i.e. what `glm-mlx fit --model M --pipeline A,B` prints."""
+    from glm_mlx.quantize.pipeline_plan import context_from_env, launch_plan, layer_ranges, rank_macs
+
+    plan = launch_plan(path, rank_macs(group), context_from_env(), mtp)
+    return layer_ranges(plan), plan.stages[group.rank()]

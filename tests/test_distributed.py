@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +15,14 @@ from reference import add_mtp_layer, make_reference, write_tokenizer
 
 from glm_mlx import ModelArgs, load_model
 from glm_mlx.engine import Engine
+from glm_mlx.cli.launch import mlx_launch
 from glm_mlx.pipeline_split import split_layers
-from glm_mlx.quantize.macs import custom_mac
-from glm_mlx.quantize.planner import plan_pipeline
-from glm_mlx.quantize.recipe import Recipe
+from glm_mlx.quantize.pipeline_plan import launch_plan, layer_ranges, parse_macs
+from glm_mlx.quantize.this_mac import detect_mac
 
-pytestmark = pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch not installed")
+# mlx.launch is found where `glm-mlx launch` finds it: beside this Python (a venv need not be on PATH).
+MLX_LAUNCH = mlx_launch()
+pytestmark = pytest.mark.skipif(MLX_LAUNCH is None, reason="mlx is installed without mlx.launch")
 WORKER = Path(__file__).parent / "dist" / "worker.py"
 PROMPT = list(range(11, 41))  # 30 tokens: past index_topk (8)
 N_TOKENS = 40
@@ -37,7 +39,7 @@ def ckpt(tmp_path_factory):
 
 
 def launch(args, env=None, timeout=180):
-    cmd = ["mlx.launch", "--backend", "ring", "-n", "2", "--python", sys.executable, *args]
+    cmd = [MLX_LAUNCH, "--backend", "ring", "-n", "2", "--python", sys.executable, *args]
     return subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
 
 
@@ -63,17 +65,11 @@ def test_two_ranks_match_single_process(ckpt, tmp_path):
     model = load_model(ckpt, dtype=mx.float32)
     expected = {mtp: list(Engine(model, mtp=mtp, num_draft=2).generate(PROMPT, max_tokens=N_TOKENS))
                 for mtp in (False, True)}
-    args = ModelArgs.from_file(ckpt)
-    # The planner's split and per-rank prediction (float32 weights, as loaded here).
-    plan = plan_pipeline(args, Recipe.uniform("f32"), [custom_mac(64, 400)] * 2, context=64)
-    ranges = [[s.layers[0], s.layers[1] + 1] for s in plan.stages]
-    r, results = run_worker(ckpt, tmp_path / "out", ranges)
+    r, results = run_worker(ckpt, tmp_path / "out")  # the library's default split: equal layer groups
     assert len(results) == 2, r.stdout + r.stderr
     assert results[0]["mtp=False"] == expected[False]
     assert results[0]["mtp=True"] == expected[True]
-    for res, stage in zip(results, plan.stages):
-        assert res["ranges"] == ranges
-        assert res["resident_bytes"] == stage.weights_bytes  # each rank holds what the planner priced
+    assert results[0]["ranges"] == [list(x) for x in split_layers(ModelArgs.from_file(ckpt), 2)]
     assert results[0]["resident_bytes"] < sum(x["resident_bytes"] for x in results)
 
 
@@ -105,13 +101,51 @@ def test_rank_dying_ends_the_others(ckpt, tmp_path):
     assert not (tmp_path / "dead.0.json").exists()
 
 
-def test_launch_generate_cli(ckpt):
-    """`glm-mlx launch -n 2 -- generate`: rank 0 prints the same text as a single process."""
+RANK_LINE = re.compile(r"pipeline rank (\d)/2 on .*: layers (\d+)-(\d+), weights (\d+) bytes \(planned (\d+)\)")
+
+
+def _launch_generate(ckpt, *launch_args):
+    r = subprocess.run([sys.executable, "-m", "glm_mlx.cli.app", "launch", "-n", "2", *launch_args, "--", "generate",
+                        str(ckpt), "-p", "hello", "-m", "24", "--json"], capture_output=True, text=True, timeout=180)
+    ranks = {int(m[1]): ((int(m[2]), int(m[3]) + 1), int(m[4]), int(m[5])) for m in RANK_LINE.finditer(r.stdout + r.stderr)}
+    lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
+    assert r.returncode == 0 and len(lines) == 1 and sorted(ranks) == [0, 1], r.stdout + r.stderr  # only rank 0 talks
+    return json.loads(lines[0])["text"], [ranks[0], ranks[1]]
+
+
+def test_launch_runs_the_planners_split(ckpt):
+    """`glm-mlx launch --macs A,B -- generate`: the ranks split the layers exactly as the planner does
+    for those Macs (not equal layer counts), each rank's resident weights equal the plan's, and rank 0
+    prints the same text as a single process."""
     single = subprocess.run([sys.executable, "-m", "glm_mlx.cli.app", "generate", str(ckpt), "-p", "hello",
                              "-m", "24", "--json"], capture_output=True, text=True, timeout=120)
     expected = json.loads(single.stdout)["text"]
-    r = subprocess.run([sys.executable, "-m", "glm_mlx.cli.app", "launch", "-n", "2", "--", "generate", str(ckpt),
-                        "-p", "hello", "-m", "24", "--json"], capture_output=True, text=True, timeout=180)
-    lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
-    assert len(lines) == 1, r.stdout + r.stderr  # only rank 0 talks
-    assert json.loads(lines[0])["text"] == expected
+    macs = "m3-ultra-512,m1-pro-16"
+    plan = launch_plan(ckpt, parse_macs(macs))
+    assert layer_ranges(plan) != split_layers(ModelArgs.from_file(ckpt), 2)  # the plan is not the equal split
+    text, ranks = _launch_generate(ckpt, "--macs", macs)
+    assert text == expected
+    assert [rng for rng, _, _ in ranks] == layer_ranges(plan)
+    for (_, resident, planned), stage in zip(ranks, plan.stages):
+        assert resident == planned == stage.weights_bytes
+
+
+def test_launch_without_macs_plans_for_the_detected_machines(ckpt):
+    """No --macs: each rank detects its machine, the ranks share what they found, and all plan the same split."""
+    me = detect_mac()
+    plan = launch_plan(ckpt, [me, me])
+    _, ranks = _launch_generate(ckpt)
+    assert [rng for rng, _, _ in ranks] == layer_ranges(plan)
+    assert [resident for _, resident, _ in ranks] == [s.weights_bytes for s in plan.stages]
+
+
+def test_fit_prints_the_split_launch_runs(ckpt, tmp_path):
+    """For a converted checkpoint, `glm-mlx fit --model M --pipeline A,B` shows the layers launch will run."""
+    config = json.loads((ckpt / "config.json").read_text())
+    config["quantization"] = {"group_size": 32, "bits": 4, "mode": "affine"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    for macs in ("m3-ultra-512,m3-ultra-512", "m1-pro-16,m3-ultra-512", "m3-ultra-512,m4-max-128,m1-pro-16"):
+        r = subprocess.run([sys.executable, "-m", "glm_mlx.cli.app", "fit", "--model", str(tmp_path), "--pipeline", macs,
+                            "--json"], capture_output=True, text=True, timeout=60)
+        stages = json.loads(r.stdout)["pipeline"]["stages"]
+        assert [(a, b + 1) for a, b in (s["layers"] for s in stages)] == layer_ranges(launch_plan(tmp_path, parse_macs(macs)))
