@@ -164,20 +164,29 @@ def test_stream_generate_text_stops_and_stats(ckpt):
     model, tokenizer = load(ckpt, dtype=mx.float32)
     messages = [{"role": "user", "content": "hello"}]
     responses = list(stream_generate(model, tokenizer, messages, max_tokens=20))
-    assert responses[-1].finish_reason in ("length", "stop")
+    tokens = [r.token for r in responses]
+    eos = set(model.args.eos_token_ids) | set(tokenizer.eos_token_ids or [])
+    # This fixture's greedy reply never reaches an eos id, so the budget ends it: exactly 20 tokens, "length".
+    assert len(tokens) == 20 and not eos & set(tokens)
+    assert responses[-1].finish_reason == "length"
     assert all(r.finish_reason is None for r in responses[:-1])
     text = "".join(r.text for r in responses)
     assert text == generate(model, tokenizer, messages, max_tokens=20)
     last = responses[-1]
     assert last.prompt_tokens > 0 and last.generation_tokens == len(responses) and last.peak_memory > 0
-    # A stop string cuts the text before it.
-    if len(text) > 4:
-        stop = text[2:4]
-        cut = generate(model, tokenizer, messages, max_tokens=20, stop=[stop])
-        assert cut == text[: text.find(stop)]
-    # Eos ids from the config end generation.
-    forced = list(stream_generate(model, tokenizer, messages, max_tokens=20, temp=1.0, seed=3))
-    assert forced[-1].finish_reason in ("length", "stop")
+    # A stop string cuts the text before it and ends with "stop".
+    assert len(text) > 4, text
+    stop = text[2:4]
+    cut = list(stream_generate(model, tokenizer, messages, max_tokens=20, stop=[stop]))
+    assert "".join(r.text for r in cut) == text[: text.find(stop)] and cut[-1].finish_reason == "stop"
+    # An eos id from the config ends generation there, with "stop", and is not printed.
+    saved, model.args.eos_token_id = model.args.eos_token_id, tokens[5]
+    try:
+        ended = list(stream_generate(model, tokenizer, messages, max_tokens=20))
+    finally:
+        model.args.eos_token_id = saved
+    assert [r.token for r in ended] == tokens[: tokens.index(tokens[5]) + 1]
+    assert ended[-1].finish_reason == "stop" and not ended[-1].text
 
 
 def test_sampling_is_seeded(model):

@@ -42,7 +42,11 @@ def test_does_not_fit_at_all(tmp_path, monkeypatch):
     assert not check.fits and "glm-mlx fit --solve" in check.message
 
 
-def test_cpu_backend_has_no_limit(tmp_path):
+def test_the_real_backend(tmp_path):
+    """Unpatched: on the CPU backend there is no limit (nothing to warn about, nothing wired); on Metal
+    the limit is the device's recommended working set and a 1 GB checkpoint fits under it."""
     check = check_memory(fake_checkpoint(tmp_path, GB), GLM51, context=1024)
-    if "max_recommended_working_set_size" not in mx.device_info():
-        assert check.fits and check.limit_bytes is None and not set_wired_limit(check)
+    recommended = mx.device_info().get("max_recommended_working_set_size")
+    assert check.limit_bytes == recommended
+    assert check.fits
+    assert set_wired_limit(check) == (recommended is not None and mx.metal.is_available())

@@ -15,7 +15,7 @@ from glm_mlx.config import ModelArgs
 from glm_mlx.quantize.allocate import allocate, error_of
 from glm_mlx.quantize.inventory import MTP, inventory, param_count, params_by_group
 from glm_mlx.quantize.macs import GiB, MacError, custom_mac, default_wired_limit, get_mac, parse_size, sysctl_command
-from glm_mlx.quantize.planner import (PlanError, best_recipe_for, calibration, glm51_args, plan, plan_pipeline, price)
+from glm_mlx.quantize.planner import (PUBLISHED_M3_ULTRA, PlanError, best_recipe_for, calibration, glm51_args, plan, plan_pipeline, price)
 from glm_mlx.quantize.recipe import (Recipe, RecipeError, default_recipe, quantization_config, recipe_from_quantization,
                                      resolve)
 
@@ -157,6 +157,15 @@ def test_speed_calibration_reproduces_the_published_m3_ultra_runs():
     for pt in cal["points"]:
         assert pt["decode_model"] == pytest.approx(pt["decode"], rel=0.10)
         assert pt["prefill_model"] == pytest.approx(pt["prefill"], rel=0.03)
+
+
+@pytest.mark.parametrize("held_out", range(len(PUBLISHED_M3_ULTRA)))
+def test_speed_model_predicts_a_published_run_it_was_not_fitted_to(held_out):
+    """Leave one out: efficiencies fitted on two published runs predict the third run's speeds."""
+    fitted = tuple(p for i, p in enumerate(PUBLISHED_M3_ULTRA) if i != held_out)
+    pt, = calibration(fitted, (PUBLISHED_M3_ULTRA[held_out],))["held_out"]
+    assert pt["decode_model"] == pytest.approx(pt["decode"], rel=0.10)
+    assert pt["prefill_model"] == pytest.approx(pt["prefill"], rel=0.03)
 
 
 # --- verdicts and max context ---------------------------------------------------------------------
