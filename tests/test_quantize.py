@@ -15,7 +15,7 @@ from glm_mlx.quantize.allocate import allocate, groups, measured_factors
 from glm_mlx.quantize.formats import parse_format
 from glm_mlx.quantize.imatrix import Importance, calibrate, collect
 from glm_mlx.quantize.planner import price
-from glm_mlx.quantize.quantizer import dequantize, output_error, pack, quantize, weighted_error
+from glm_mlx.quantize.quantizer import dequantize, pack, quantize, weighted_error
 from glm_mlx.quantize.recipe import Recipe, RecipeError
 from glm_mlx.quantize.source import Source
 
