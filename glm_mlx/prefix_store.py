@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import atomic
+
 FORMAT = "glm-mlx-prefix/1"
 SUFFIX = ".safetensors"
 _MAX_HEADER = 64 << 20  # bytes: a larger safetensors header is not one of ours
@@ -383,8 +385,7 @@ class DiskStore:
         tmp = self.dir / f".{b.key.hex()}.{os.getpid()}.tmp"
         try:
             save_file(b.arrays, str(tmp), metadata=self._meta(b))
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+            atomic.fsync_file(tmp)
             size = tmp.stat().st_size
             with self._cond:
                 if b.key in self.entries or size > self.limit or not self._evict(size, stamp(b)):
@@ -397,21 +398,8 @@ class DiskStore:
                 self.entries[b.key] = DiskEntry(b.key, path, size, b.depth, b.tick)
                 self.used += size
                 self._counters["blocks_written"] += 1
-            self._fsync_dir()
+            atomic.fsync_dir(self.dir)
         finally:
             if tmp.exists():
                 self._unlink(tmp)
 
-    def _fsync_dir(self):
-        if os.name != "posix":
-            return
-        try:
-            fd = os.open(self.dir, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)

@@ -9,12 +9,12 @@ indexer keys, MTP layer) is trimmed back to the common prefix.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 
+from . import atomic
 from .cache import DSACache
 from .errors import GlmMlxError
 
@@ -87,7 +87,7 @@ class PromptCache:
 
     # --- disk ---------------------------------------------------------------------------
     def save(self, path: str | Path, extra: dict | None = None):
-        """Write atomically (temp file + rename) as safetensors with the tokens (and `extra`, JSON) in the metadata."""
+        """Write atomically (temp file, fsync, rename, fsync the folder) as safetensors with the tokens (and `extra`, JSON) in the metadata."""
         path = Path(path)
         self.settle()
         arrays = {}
@@ -101,7 +101,7 @@ class PromptCache:
                 "indexer": json.dumps([c.has_indexer for c in self.all_caches()]), "extra": json.dumps(extra or {})}
         tmp = path.with_name(path.name + ".tmp.safetensors")
         mx.save_safetensors(str(tmp), arrays, metadata=meta)
-        os.replace(tmp, path)
+        atomic.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | Path, model, mtp: bool) -> "PromptCache":
