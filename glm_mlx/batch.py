@@ -142,10 +142,13 @@ class BatchEngine:
         seq.chunks = seq.engine.prefill_chunks(seq.pc, seq.tokens, StepStats())
 
     # --- one scheduler step -------------------------------------------------------------------
-    def step(self) -> list[tuple[object, int, list | None]]:
+    def step(self, first_tokens=None) -> list[tuple[object, int, list | None]]:
         """One prefill chunk (the oldest prefilling sequence) and one decode step for the others.
         Returns the tokens produced: (key, token, logprobs or None), at most one per sequence, except
-        a sequence that finishes its prefill, which may also decode in the same step."""
+        a sequence that finishes its prefill, which may also decode in the same step.
+        `first_tokens(tokens)`, if given, receives a just-prefilled sequence's first token before the
+        others' decode step runs (and it is then not returned): its time to first token does not
+        include that step."""
         out = []
         prefilling = [s for s in self.seqs if s.prefilling]
         if prefilling:
@@ -161,6 +164,9 @@ class BatchEngine:
                 seq.chunks = None
                 out.append(self._first_token(seq, done.value))
         just_prefilled = {k for k, _, _ in out}
+        if out and first_tokens is not None:
+            first_tokens(out)
+            out = []
         decoding = [s for s in self.seqs if not s.prefilling and s.key not in just_prefilled]
         if not decoding:
             return out

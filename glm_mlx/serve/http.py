@@ -58,7 +58,7 @@ def make_handler(worker: Worker, cfg: ServerConfig, log=None):
             if isinstance(s, Finished):
                 tps = s.generation_tps
                 extra = (f" prompt={s.prompt_tokens} cached={s.cached_tokens} completion={s.completion_tokens} "
-                         f"ttft={s.ttft:.2f}s {tps:.1f}tok/s {s.reason}")
+                         f"ttft={s.ttft:.3f}s {tps:.1f}tok/s {s.reason}")
             elif self.gone:  # the job was cancelled before its Finished came back; a stream's status is still 200
                 extra = " cancelled (client disconnected)"
             print(f'{self.client_address[0]} "{self.command} {self.path}" {self.status}{extra} '

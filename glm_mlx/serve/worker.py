@@ -158,6 +158,7 @@ class Worker(threading.Thread):
         self.load_error: BaseException | None = None
         self.model = self.tokenizer = None
         self.running: dict[Job, _Running] = {}
+        self.unsaved: list[Job] = []  # running jobs whose prompt blocks are not yet in the prefix cache
 
     # --- handler side ---------------------------------------------------------------------
     def wait_ready(self):
@@ -270,7 +271,8 @@ class Worker(threading.Thread):
 
     def _step(self):
         try:
-            emitted = self.batch.step()
+            # First tokens go out as soon as their prefill ends, before the others' decode step.
+            emitted = self.batch.step(first_tokens=self._emit)
         except Exception as e:  # noqa: BLE001 - reported to the clients; the server keeps serving
             traceback.print_exc(file=sys.stderr)
             self.batch.discard_group()
@@ -278,7 +280,15 @@ class Worker(threading.Thread):
                 self._finish(job, "error", keep_cache=False)
                 job.events.put(Failed(f"{type(e).__name__}: {e}"))
             return
-        prefilled = []
+        self._emit(emitted)
+        # Prompts' blocks go to the prefix cache (for other sessions) once no prompt waits for its first
+        # token: copying them out is not on anyone's time to first token.
+        if self.unsaved and not any(s.prefilling for s in self.batch.seqs) and self.jobs.empty():
+            for job in [j for j in self.unsaved if j in self.running]:
+                self._save_prefix(self.running[job].seq.pc)
+            self.unsaved.clear()
+
+    def _emit(self, emitted):
         for job, tok, lp in emitted:
             run = self.running[job]
             first = run.ttft is None
@@ -289,9 +299,7 @@ class Worker(threading.Thread):
             if reason is not None:
                 self._finish(job, "stop_sequence" if hit is not None else reason, hit)
             elif first:
-                prefilled.append(run.seq.pc)
-        for pc in prefilled:  # after the first tokens went out: their prompts' blocks serve other sessions
-            self._save_prefix(pc)
+                self.unsaved.append(job)
 
     def _finish(self, job: Job, reason: str, stop_sequence: str | None = None, keep_cache: bool = True):
         run = self.running.pop(job)
