@@ -12,7 +12,7 @@ from typing_extensions import Annotated
 from .generate import format_stats, stats_dict
 from .options import MaxTokens, ModelArg, NoMtp, NumDraft, Seed, Temp, TopP, load_for_generation
 
-HELP = """[bold]Commands[/]
+HELP = '''[bold]Commands[/]
   /think            toggle thinking mode (reasoning shown dimmed, never fed back)
   /system TEXT      set the system prompt (and start over)
   /reset            forget the conversation
@@ -21,7 +21,11 @@ HELP = """[bold]Commands[/]
   /stats            speed, MTP acceptance and memory of the last answer
   /help             this help
   /exit             quit (or Ctrl-D; Ctrl-C twice at an empty prompt)
-Ctrl-C while an answer streams stops it and returns to the prompt."""
+Several lines: start with """ and end with a line holding only """ (paste a block between them),
+or end a line with \\ to continue on the next one.
+Ctrl-C while an answer streams stops it and returns to the prompt.'''
+
+FENCE = '"""'  # opens and closes a multi-line message
 
 
 def _read_line(prompt: str) -> str:
@@ -30,6 +34,27 @@ def _read_line(prompt: str) -> str:
     except ImportError:  # pragma: no cover - Windows
         pass
     return input(prompt)
+
+
+def read_message(read=_read_line) -> str:
+    """One message: a line; lines joined while each ends with a backslash; or a FENCE ... FENCE block."""
+    line = read(">>> ")
+    if line.strip().startswith(FENCE):
+        first = line.strip()[len(FENCE):]
+        if first.endswith(FENCE):  # the block opened and closed on one line
+            return first[: -len(FENCE)]
+        lines = [first] if first else []
+        while True:
+            more = read("... ")
+            if more.rstrip().endswith(FENCE):
+                lines.append(more.rstrip()[: -len(FENCE)])
+                return "\n".join(lines).strip("\n")
+            lines.append(more)
+    lines = []
+    while line.endswith("\\"):
+        lines.append(line[:-1])
+        line = read("... ")
+    return "\n".join(lines + [line])
 
 
 def chat(
@@ -54,7 +79,7 @@ def chat(
     interrupted = False
     while True:
         try:
-            line = _read_line(">>> ")
+            line = read_message()
         except EOFError:
             out.print()
             return
@@ -66,10 +91,9 @@ def chat(
             out.print("\n[dim](Ctrl-C again or /exit to quit)[/]")
             continue
         interrupted = False
-        line = line.strip()
-        if not line:
+        if not line.strip():
             continue
-        if line.startswith("/"):
+        if line.startswith("/") and "\n" not in line:
             if _command(line, session, out):
                 return
             continue
@@ -115,8 +139,8 @@ def _command(line: str, session, out: Console) -> bool:
             out.print(f"[red]usage: {cmd} FILE[/]")
         else:
             try:
-                session.save(arg) if cmd == "/save" else session.load(arg)
-                out.print(f"[dim]{'saved to' if cmd == '/save' else 'loaded'} {escape(arg)}"
+                path = session.save(arg) if cmd == "/save" else session.load(arg)
+                out.print(f"[dim]{'saved to' if cmd == '/save' else 'loaded'} {escape(str(path))}"
                           f" ({len(session.messages)} messages, {len(session.cache.tokens)} cached tokens)[/]")
             except Exception as e:  # noqa: BLE001 - a bad file must not end the chat
                 out.print(f"[red]Error:[/] {escape(str(e))}")

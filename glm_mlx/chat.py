@@ -6,12 +6,12 @@ No terminal here (cli/chat.py draws it); the server reuses it per conversation t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 from .generate import GenerationResponse, ends_in_thinking, render_chat, stream_generate
 from .prompt_cache import PromptCache
 from .serve.parsers import OutputParser
-
 
 
 @dataclass
@@ -60,12 +60,30 @@ class ChatSession:
 
     def reset(self):
         self.messages.clear()
+        self.last = None  # /stats must not show the forgotten conversation's last answer
         self.cache = PromptCache.fresh(self.model, mtp=self.mtp)
 
-    def save(self, path):
+    def save(self, path) -> Path:
+        path = session_file(path)
         self.cache.save(path, extra={"messages": self.messages, "system": self.system})
+        return path
 
-    def load(self, path):
+    def load(self, path) -> Path:
+        path = session_file(path, existing=True)
         self.cache = PromptCache.load(path, self.model, mtp=self.mtp)
+        self.last = None
         self.messages = list(self.cache.extra.get("messages", []))
         self.system = self.cache.extra.get("system")
+        return path
+
+
+SUFFIX = ".safetensors"
+
+
+def session_file(name, existing: bool = False) -> Path:
+    """A saved conversation's file: `name` as given when it has a suffix (or, loading, exists as
+    given), else `name.safetensors`, so `/save notes` and `/load notes` meet."""
+    path = Path(name).expanduser()
+    if path.suffix or (existing and path.is_file()):
+        return path
+    return path.with_name(path.name + SUFFIX)

@@ -107,3 +107,28 @@ def test_chat_in_tmux(ckpt):
         assert subprocess.run(["tmux", "has-session", "-t", session], capture_output=True).returncode != 0
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+def test_chat_multiline_reset_and_named_saves(ckpt, tmp_path):
+    """A pasted block between triple quotes is one message; /stats after /reset shows nothing stale;
+    /save NAME without an extension writes NAME.safetensors and /load NAME finds it."""
+    from safetensors import safe_open
+
+    name = tmp_path / "notes"
+    block = '"""\nfirst line\n\nthird line\n"""\n'
+    r = runner.invoke(app, ["chat", str(ckpt), "-m", "4"],
+                      input=block + "/stats\n/reset\n/stats\ncontinued \\\nline\n/save " + str(name) + "\n/exit\n")
+    assert r.exit_code == 0, r.output
+    assert r.output.count("tok/s") >= 2  # two answers (the block, the continued line), one /stats
+    assert "no answer yet" in r.output.split("conversation cleared")[1]
+    saved = name.with_name("notes.safetensors")
+    assert saved.exists() and f"saved to {saved}" in r.output
+    with safe_open(str(saved), "numpy") as f:
+        messages = json.loads(f.metadata()["extra"])["messages"]
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["continued \nline"]
+    r = runner.invoke(app, ["chat", str(ckpt), "-m", "4"], input=f"/load {name}\n/stats\n/exit\n")
+    assert f"loaded {saved}" in r.output and "2 messages" in r.output and "no answer yet" in r.output
+    r = runner.invoke(app, ["chat", str(ckpt), "-m", "4"], input=block + f"/save {name}\n/exit\n")
+    with safe_open(str(saved), "numpy") as f:
+        messages = json.loads(f.metadata()["extra"])["messages"]
+    assert messages[0] == {"role": "user", "content": "first line\n\nthird line"}
