@@ -91,6 +91,7 @@ def chat(
             out.print("\n[dim](Ctrl-C again or /exit to quit)[/]")
             continue
         interrupted = False
+        line = line.strip() if "\n" not in line else line  # a block keeps its indentation
         if not line.strip():
             continue
         if line.startswith("/") and "\n" not in line:
