@@ -6,6 +6,8 @@ deleted on failure), which for 5 GB weight shards means an interruption throws a
 files (the weights) are fetched here first, into a stable `<etag>.incomplete` file that the next run continues
 with an HTTP Range request, and then renamed to where huggingface_hub expects them; `snapshot_download`
 finishes the job (small files, refs, snapshot links; for `local_dir` it checks each weight's sha256).
+Remote file names, etags and the commit id become paths on disk, so all are checked first (`check_repo_path`,
+`check_etag`): a repo serving `../x` or an etag `../..` is refused whole, before a byte is written.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from huggingface_hub.file_download import http_get, repo_folder_name
 from huggingface_hub.utils import WeakFileLock, build_hf_headers, filter_repo_objects, validate_repo_id
 from tqdm.auto import tqdm
 
+from . import atomic
+from .remote_paths import _COMMIT, UnsafeRepoError, _join, check_etag, check_repo_path  # noqa: F401 - re-exported
 from .errors import CheckpointError, GlmMlxError
 from .progress import TransferBars
 
@@ -132,9 +136,15 @@ def _listing(repo_id: str, revision: str | None, include, exclude) -> tuple[str,
     """(commit sha, selected files) from one model_info call, filtered like snapshot_download filters."""
     with hub_errors(repo_id, revision):
         info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+    if not isinstance(info.sha, str) or not _COMMIT.fullmatch(info.sha):
+        raise UnsafeRepoError(f"{repo_id} serves an unsafe commit id {info.sha!r} (not a 40-digit sha1);"
+                              " refusing the download")
     entries = {}
     for s in info.siblings or []:
+        # Every file, before the include/exclude filter: a repo serving one unsafe name is refused as a whole.
+        check_repo_path(repo_id, s.rfilename)
         size, etag = (s.lfs.size, s.lfs.sha256) if s.lfs else (s.size or 0, s.blob_id or "")
+        etag = check_etag(repo_id, s.rfilename, etag)
         entries[s.rfilename] = _Entry(s.rfilename, size, etag, s.lfs is not None)
     include, exclude = list(include or []), list(exclude or [])
     keep = set(filter_repo_objects(entries, allow_patterns=include or None, ignore_patterns=exclude or None))
@@ -227,43 +237,55 @@ class _Layout:
     """Where a weight file ends up and where its partial download lives, for the cache or a local_dir."""
 
     def __init__(self, repo_id: str, commit: str, local_dir: Path | None):
+        self.repo_id = repo_id
         self.local_dir = local_dir
         self.cache = Path(constants.HF_HUB_CACHE).expanduser().absolute()
         self.storage = self.cache / repo_folder_name(repo_id=repo_id, repo_type="model")
         self.commit = commit
         self.target = local_dir or self.cache  # the disk that must hold the download
 
+    # Every path is built by _join, so even a name that slipped past the checks cannot leave its folder.
     def final(self, e: _Entry, etag: str) -> Path:
-        return self.local_dir / e.path if self.local_dir else self.storage / "blobs" / etag
+        if self.local_dir:
+            return _join(self.repo_id, self.local_dir, e.path)
+        return _join(self.repo_id, self.storage / "blobs", etag)
 
     def partial(self, etag: str) -> Path:
         if self.local_dir:
-            return self.local_dir / ".cache" / "glm-mlx" / f"{etag}.incomplete"
-        return self.storage / "blobs" / f"{etag}.incomplete"
+            return _join(self.repo_id, self.local_dir / ".cache" / "glm-mlx", f"{etag}.incomplete")
+        return _join(self.repo_id, self.storage / "blobs", f"{etag}.incomplete")
 
     def lock(self, etag: str) -> Path:  # in the cache: the lock huggingface_hub itself takes for this blob
         if self.local_dir:
-            return self.local_dir / ".cache" / "glm-mlx" / f"{etag}.lock"
-        return self.cache / ".locks" / self.storage.name / f"{etag}.lock"
+            return _join(self.repo_id, self.local_dir / ".cache" / "glm-mlx", f"{etag}.lock")
+        return _join(self.repo_id, self.cache / ".locks" / self.storage.name, f"{etag}.lock")
 
     def done_bytes(self, e: _Entry) -> int:
         """Bytes of `e` already on disk: all of it when finished, the partial file's size otherwise."""
         if self.local_dir:
-            finished = (self.local_dir / e.path).is_file() and _size(self.local_dir / e.path) == e.size
+            final = self.final(e, e.etag)
+            finished = final.is_file() and _size(final) == e.size
         else:
-            snapshot, blob = self.storage / "snapshots" / self.commit / e.path, self.storage / "blobs" / e.etag
+            snapshot = _join(self.repo_id, self.storage / "snapshots" / self.commit, e.path)
+            blob = self.final(e, e.etag)
             finished = snapshot.exists() or blob.exists()
         if finished:
             return e.size
         return min(_size(self.partial(e.etag)), e.size) if e.lfs else 0
 
 
-def _fetch_weight(repo_id: str, e: _Entry, layout: _Layout, bars: TransferBars, cancel: threading.Event) -> None:
-    """Download one LFS file into its final place, continuing a partial file from an earlier run."""
+def _head(repo_id: str, e: _Entry, layout: _Layout) -> tuple[str, int]:
+    """(etag, size) of one LFS file from a HEAD request; the etag, the blob's name, checked like the listing's."""
+    meta = get_hf_file_metadata(hf_hub_url(repo_id, e.path, revision=layout.commit), headers=build_hf_headers())
+    etag = check_etag(repo_id, e.path, meta.etag) if meta.etag else e.etag
+    return etag, meta.size if meta.size is not None else e.size
+
+
+def _fetch_weight(repo_id: str, e: _Entry, layout: _Layout, bars: TransferBars, cancel: threading.Event,
+                  etag: str, size: int) -> None:
+    """Download one LFS file (etag and size from `_head`) into its final place, continuing a partial file."""
     url = hf_hub_url(repo_id, e.path, revision=layout.commit)
     headers = build_hf_headers()
-    meta = get_hf_file_metadata(url, headers=headers)  # HEAD: the etag (the blob's name) and the size
-    etag, size = meta.etag or e.etag, meta.size if meta.size is not None else e.size
     final, partial = layout.final(e, etag), layout.partial(etag)
     if final.is_file() and _size(final) == size:
         return
@@ -290,8 +312,16 @@ def _fetch_weight(repo_id: str, e: _Entry, layout: _Layout, bars: TransferBars, 
             partial.unlink()
             raise HubError(f"{e.path}: downloaded {fmt_bytes(got)}, expected {fmt_bytes(size)}")
         final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(partial, final)
+        atomic.replace(partial, final)  # fsyncs the data, then the folder: the rename survives a power cut
 
+
+def _wait_all(futures) -> None:
+    """Wait for the futures, raising the first failure."""
+    pending = set(futures)
+    while pending:  # short waits: the main thread must stay free to take Ctrl-C
+        finished, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+        for fut in finished:
+            fut.result()
 
 
 def download_repo(repo_id: str, revision: str | None = None, include=None, exclude=None,
@@ -312,11 +342,11 @@ def download_repo(repo_id: str, revision: str | None = None, include=None, exclu
         if todo:
             pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="glm-mlx-download")
             try:
-                pending = {pool.submit(_fetch_weight, repo_id, e, layout, bars, cancel) for e in todo}
-                while pending:  # short waits: the main thread must stay free to take Ctrl-C
-                    finished, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
-                    for fut in finished:
-                        fut.result()
+                # All HEADs first: an unsafe etag then stops the run before any transfer has written a byte.
+                heads = [pool.submit(_head, repo_id, e, layout) for e in todo]
+                _wait_all(heads)
+                _wait_all([pool.submit(_fetch_weight, repo_id, e, layout, bars, cancel, *h.result())
+                           for e, h in zip(todo, heads, strict=True)])
             except BaseException:
                 cancel.set()  # stop the other transfers at their next chunk; partial files stay for the next run
                 raise

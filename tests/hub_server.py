@@ -13,6 +13,10 @@ Errors carry the X-Error-Code header huggingface_hub maps to its exception class
 like a CDN node failing mid-transfer, until `cut_clear()`; other files are still served, so which bytes reach
 the disk does not depend on thread timing. `cut(..., stall=True)` instead holds the transfer there until
 `cut_clear()` (time for a test to press Ctrl-C).
+
+Hostile repos, for path-safety tests: `add_repo` takes any file names (`../x.safetensors`, `/abs/x.safetensors`,
+`a\\b.safetensors`) and lists and serves them as given; a client that folds `..` out of the URL still gets the file.
+Setting `FakeFile.linked_etag` makes `/resolve/` answer that X-Linked-Etag (e.g. `../../..`) instead of the sha256.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import posixpath
 import socket
 import threading
 from dataclasses import dataclass
@@ -36,6 +41,7 @@ class FakeFile:
     lfs: bool
     blob_id: str = ""  # git blob sha1: the ETag of a regular file
     sha256: str = ""  # the ETag of an LFS file
+    linked_etag: str | None = None  # what /resolve/ sends as X-Linked-Etag (quoted), when not the sha256
 
     def __post_init__(self):
         self.blob_id = hashlib.sha1(b"blob %d\0" % len(self.data) + self.data).hexdigest()
@@ -176,7 +182,7 @@ def _handler_for(server: HubServer):
             if "/resolve/" in path:
                 repo_id, _, rest = path.lstrip("/").partition("/resolve/")
                 rev, _, file_path = rest.partition("/")
-                return self._resolve(repo_id, rev, file_path, head)
+                return self._resolve(*(_dotted(server, path) or (repo_id, rev, file_path)), head)
             self._error(404, None, "not found")
 
         def _repo(self, repo_id: str, rev: str | None) -> FakeRepo | None:
@@ -219,9 +225,10 @@ def _handler_for(server: HubServer):
             if not f.lfs:
                 return self._bytes(f, file_path, head, {"ETag": f'"{f.blob_id}"', "X-Repo-Commit": repo.commit})
             self.send_response(302)
-            self.send_header("Location", f"{server.cdn_url}/lfs/{f.sha256}/{quote(file_path)}")
+            # safe="": '/' and '..' in a hostile name stay inside one URL segment, so the client cannot fold them
+            self.send_header("Location", f"{server.cdn_url}/lfs/{f.sha256}/{quote(file_path, safe='')}")
             self.send_header("X-Repo-Commit", repo.commit)
-            self.send_header("X-Linked-Etag", f'"{f.sha256}"')
+            self.send_header("X-Linked-Etag", f'"{f.linked_etag or f.sha256}"')
             self.send_header("X-Linked-Size", str(len(f.data)))
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -291,6 +298,16 @@ def _handler_for(server: HubServer):
                 self.wfile.write(body)
 
     return Handler
+
+
+def _dotted(server: HubServer, path: str) -> tuple[str, str, str] | None:
+    """(repo, rev, file) whose /resolve/ URL a client folded to `path` (it drops `..` segments): hostile names."""
+    for repo_id, repo in server.repos.items():
+        for rev in ("main", repo.commit):
+            for name in repo.files:
+                if ".." in name.split("/") and posixpath.normpath(f"/{repo_id}/resolve/{rev}/{name}") == path:
+                    return repo_id, rev, name
+    return None
 
 
 def _model_info(repo_id: str, repo: FakeRepo, blobs: bool) -> dict:

@@ -5,12 +5,18 @@ from __future__ import annotations
 import _thread
 import hashlib
 import json
+import os
+import posixpath
 import random
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from glm_mlx import hub as hublib
@@ -209,3 +215,118 @@ def test_help_has_an_example():
     result = CliRunner().invoke(app, ["download", "--help"])
     assert result.exit_code == 0
     assert "Example" in result.stdout and "glm-mlx download" in result.stdout and "--include" in result.stdout
+
+
+# --- Hostile repos (issue #15): remote names and etags must not place files outside the target ---
+
+
+def cli_download(*args: str) -> subprocess.CompletedProcess:
+    """The real CLI in a subprocess; HF_ENDPOINT/HF_HOME/HF_HUB_CACHE come from the `hub` fixture's environment."""
+    env = {k: v for k, v in os.environ.items() if k != "GLM_MLX_DEBUG"}  # the error handler must be on
+    return subprocess.run([sys.executable, "-m", "glm_mlx.cli.app", "download", *args],
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+def assert_refused(proc: subprocess.CompletedProcess, *needles: str):
+    """Exit 1, one `Error:` line naming the culprit, then its hint, no traceback, nothing on stdout."""
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == "", proc.stderr
+    lines = proc.stderr.strip().splitlines()  # progress lines may come first (the etag shows up after the listing)
+    errors = [i for i, line in enumerate(lines) if line.startswith("Error: ")]
+    assert len(errors) == 1 and lines[errors[0] + 1 :] == [lines[-1]] and lines[-1].startswith("Hint: "), proc.stderr
+    assert "unsafe" in lines[errors[0]] and "unsafe file name" in lines[-1], proc.stderr
+    for needle in needles:
+        assert needle in lines[errors[0]], proc.stderr
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _hostile_name(kind: str, tmp_path: Path) -> str:
+    # An absolute name inside tmp_path: the escape is then checkable, and a bad client cannot touch the real /abs.
+    return {"dotdot": "../x.safetensors", "absolute": f"{tmp_path}/abs/x.safetensors",
+            "backslash": "a\\b.safetensors"}[kind]
+
+
+@pytest.mark.parametrize("to_dir", [False, True], ids=["cache", "dir"])
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "backslash"])
+def test_hostile_file_name_fails_the_download_before_anything_is_written(hub, tmp_path, to_dir, kind):
+    name = _hostile_name(kind, tmp_path)
+    hub.add_repo(REPO, {**_files(), name: b"\x00" * 1000})
+    target = tmp_path / "out" / "model"
+    before = _tree(tmp_path)
+    proc = cli_download(REPO, *(["--dir", str(target)] if to_dir else []))
+    assert_refused(proc, repr(name), REPO)
+    assert _tree(tmp_path) == before  # nothing at all: no cache, no --dir, no partial file, no escaped file
+    assert not (tmp_path / "out" / "x.safetensors").exists() and not (tmp_path / "abs").exists()
+    assert not any("/resolve/" in r.path or r.path.startswith("/lfs/") for r in hub.requests)  # listing only
+
+
+def test_hostile_name_is_refused_even_when_include_skips_it(hub, tmp_path):
+    hub.add_repo(REPO, {**_files(), "../x.safetensors": b"x"})
+    with pytest.raises(hublib.UnsafeRepoError, match=r"unsafe file path '\.\./x\.safetensors'"):
+        hublib.download_repo(REPO, include=["config.json"], local_dir=tmp_path / "d", progress=False)
+    with pytest.raises(hublib.UnsafeRepoError):  # listing it is refused too: the repo is hostile
+        hublib.repo_files(REPO)
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("to_dir", [False, True], ids=["cache", "dir"])
+@pytest.mark.parametrize("etag", ["../../..", "../../../escaped"])
+def test_hostile_linked_etag_fails_the_download_before_anything_is_written(hub, tmp_path, to_dir, etag):
+    files = _files()
+    repo = hub.add_repo(REPO, files)
+    repo.files[WEIGHT].linked_etag = etag  # the HEAD's X-Linked-Etag: the blob's (and partial file's) name
+    target = tmp_path / "out" / "model"
+    before = _tree(tmp_path)
+    proc = cli_download(REPO, *(["--dir", str(target)] if to_dir else []))
+    assert_refused(proc, repr(etag), repr(WEIGHT))
+    assert _tree(tmp_path) == before  # the other shard's good etag did not start a transfer either
+    assert not hub.gets(WEIGHT) and not hub.gets("model-00002-of-00002.safetensors")
+
+
+def test_good_etag_forms_are_accepted():
+    sha1, sha256 = "a" * 40, "0123456789abcdef" * 4
+    assert hublib.check_etag("o/r", "f", sha256) == sha256
+    assert hublib.check_etag("o/r", "f", f'"{sha1}"') == sha1  # quotes stripped, as huggingface_hub does
+    assert hublib.check_etag("o/r", "f", f'W/"{sha1}"') == sha1
+    for bad in ["", None, "../../..", "a" * 39, "a" * 41, "g" * 40, sha256 + "/x", f"{sha1}\x00", "a" * 64 + "\n"]:
+        with pytest.raises(hublib.UnsafeRepoError):
+            hublib.check_etag("o/r", "f", bad)
+
+
+# Names built from the pieces that matter (separators, dots, drives, NUL) plus arbitrary text.
+_PIECES = st.sampled_from(["a", "b.safetensors", ".", "..", "...", "", "/", "\\", "C:", "c:d", "\x00", "\n", " ", "~"])
+_NAMES = st.one_of(st.lists(_PIECES, max_size=8).map("".join),
+                   st.lists(_PIECES, max_size=6).map("/".join),
+                   st.text(max_size=30))
+
+
+@given(_NAMES)
+@example("../x.safetensors")
+@example("/abs/x.safetensors")
+@example("a\\b.safetensors")
+@example("a/../../b")
+@example("C:/x")
+def test_path_validator_accepts_only_names_that_stay_under_the_target(name):
+    root = "/srv/models/target"
+    parts = name.split("/")
+    try:
+        joined = hublib._join("o/r", Path(root), name)
+    except hublib.UnsafeRepoError as err:
+        assert repr(name) in str(err) and "\n" not in str(err)  # one line, naming the path (escaped)
+        return
+    # Accepted: it lies strictly under the target, unchanged by normalisation, and is a plain POSIX name.
+    assert str(joined) == posixpath.normpath(f"{root}/{name}") and str(joined).startswith(root + "/")
+    assert os.path.commonpath([root, str(joined)]) == root
+    assert not name.startswith("/") and "\\" not in name and "\x00" not in name
+    assert all(p not in ("", ".", "..") for p in parts)
+
+
+@given(st.text(alphabet="./\\abC:", max_size=12))
+def test_path_validator_rejects_dotdot_absolute_and_backslash(name):
+    bad = ".." in name.replace("\\", "/").split("/") or name.startswith("/") or "\\" in name
+    if bad:
+        with pytest.raises(hublib.UnsafeRepoError):
+            hublib.check_repo_path("o/r", name)
