@@ -148,6 +148,7 @@ def convert(
         source = fetcher.source
     else:
         source = Source(resolve_path(src))
+        converter.check_paths(source.folder, dst)  # before calibration caches anything in dst
     args = ModelArgs.from_dict(source.config)
     mtp = converter.mtp_in_source(args, source.weight_map)
     importance, imp_id = (None, None)

@@ -6,9 +6,10 @@ inventory (the model's own names: stacked experts, kv_b_proj split into embed_q 
 priced by the one format table, packed in order into shards of at most `shard_size` bytes whose
 safetensors headers are therefore known up front. Each shard is written piece by piece at its planned
 offsets (an expert, or a block of rows: quantization groups never cross rows) into `<shard>.tmp`,
-synced and renamed; a rerun with the same arguments skips the shards already renamed and, the work
-being deterministic, writes the same bytes. `manifest.json` is written last: its presence marks a
-finished conversion, which is never overwritten without `force`.
+synced and renamed; a rerun with the same arguments (and an unchanged source) skips the shards already
+renamed and, the work being deterministic, writes the same bytes. `manifest.json` is written last: its
+presence marks a finished conversion, which is never overwritten without `force`. What may be deleted
+or resumed in the output folder, and the fingerprint that decides it, are in output_dir.py.
 """
 
 from __future__ import annotations
@@ -23,32 +24,26 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from glm_mlx import atomic
+from glm_mlx.disk import check_writable
 from glm_mlx.config import ModelArgs
-from glm_mlx.errors import GlmMlxError
+from glm_mlx.loading import INDEX_FILE
 
 from .formats import Format
 from .imatrix import Importance
 from .inventory import Tensor, inventory
+from .output_dir import (MANIFEST, MANIFEST_FORMAT, TOKENIZER_FILES, WORK, ConvertError, check_paths,
+                         fingerprint, prepare_output, write_plan)
 from .planner import price
 from .quantizer import quantize
 from .recipe import Recipe, quantization_config, resolve
 from .progress import Bars, fmt_bytes, free_bytes
 from .source import MX_NAME, Source, ShardWriter, layout, read_header
 
-WORK = ".glm-mlx-convert"  # plan, imatrix, and (--stream) source shards of a conversion in progress
-MANIFEST = "manifest.json"
 SHARD_SIZE = 5 * 10**9
 BLOCK_ELEMS = 1 << 22  # elements per quantized block of rows (~16 MB of float32)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "chat_template.jinja", "generation_config.json", "added_tokens.json", "vocab.json", "merges.txt")
 _DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 _IGNORED = ("_scale_inv", ".input_scale", "rotary_emb.inv_freq")
-
-
-class ConvertError(GlmMlxError):
-    """The conversion cannot start or did not produce what was planned."""
-
-    hint = "Check the arguments; re-running the same command resumes an interrupted conversion."
 
 
 class DiskSpaceError(ConvertError):
@@ -225,55 +220,18 @@ def write_item(writer: ShardWriter, shard: Shard, item: Item, source: Source, pl
     mx.clear_cache()
 
 
-# --- state of the output folder ------------------------------------------------------------------------------
-def fingerprint(source: Source, plan: Plan, method: str, importance_key: str | None, block_elems: int, origin=None) -> dict:
-    """What decides the output bytes: a rerun resumes only when this is unchanged."""
-    files = origin or {f: (source.folder / f).stat().st_size for f in source.files()}
-    return {"version": 1, "source": files, "recipe": plan.recipe.to_dict(), "method": method, "mtp": plan.mtp,
-            "imatrix": importance_key, "block_elems": block_elems, "shards": [[s.name, s.size] for s in plan.shards]}
-
-
-def prepare_output(dst: Path, fp: dict, plan: Plan, force: bool) -> list[Shard]:
-    """Create or reuse dst; return the shards still to write."""
-    work = dst / WORK
-    if (dst / MANIFEST).exists() and not force:
-        raise ConvertError(f"{dst} already holds a finished conversion", "Pass --force to overwrite it, or choose another folder.")
-    if force:
-        _remove_ours(dst)
-    elif work.exists():
-        try:
-            old = json.loads((work / "plan.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            old = None
-        if old is not None and old != fp:
-            raise ConvertError(f"{dst} holds an unfinished conversion started with other arguments (or another source)",
-                               "Re-run it with the same arguments to resume, or pass --force to start over.")
-    elif dst.exists() and any(not p.name.startswith(".glm-mlx") for p in dst.iterdir()):
-        raise ConvertError(f"{dst} is not empty and holds no glm-mlx conversion", "Choose a new or empty folder (or --force).")
-    for tmp in dst.glob("*.tmp"):  # a killed run's half-written shard
-        tmp.unlink()
-    todo = []
-    for s in plan.shards:
-        p = dst / s.name
-        if p.exists() and p.stat().st_size == s.size:
-            continue
-        p.unlink(missing_ok=True)
-        todo.append(s)
-    return todo
-
-
-def _remove_ours(dst: Path) -> None:
-    for p in [*dst.glob("model-*-of-*.safetensors"), *dst.glob("*.tmp")]:
-        p.unlink()
-    for name in (MANIFEST, "model.safetensors.index.json", "recipe.json", "imatrix.safetensors"):
-        (dst / name).unlink(missing_ok=True)
-    shutil.rmtree(dst / WORK, ignore_errors=True)
+# --- the output folder (ownership, resume and --force rules: output_dir.py) -----------------------------------
+def output_files(plan: Plan, source: Source, importance: Importance | None) -> list[str]:
+    """Every file this conversion writes into the output folder: what plan.json records as ours."""
+    return [*(s.name for s in plan.shards), "config.json", INDEX_FILE, "recipe.json", MANIFEST,
+            *(n for n in TOKENIZER_FILES if (source.folder / n).exists()), *(["imatrix.safetensors"] if importance is not None else [])]
 
 
 def check_disk(dst: Path, todo: list[Shard], plan: Plan, extra: int = 0) -> None:
     need = sum(s.size for s in todo) + extra
     free = free_bytes(dst)
     if need > free:
+        check_writable(dst)  # read-only, /proc-like or a file: say so, not "0 B free"
         done = plan.file_bytes - sum(s.size for s in todo)
         more = f" (+ {fmt_bytes(extra)} of source shards)" if extra else ""
         raise DiskSpaceError(f"not enough disk space in {dst}: the conversion needs {fmt_bytes(need)} more{more}, "
@@ -288,27 +246,27 @@ def write_metadata(src: Path, dst: Path, plan: Plan, fp: dict, importance: Impor
     q = quantization_config(plan.args, plan.recipe, plan.mtp)
     if q is not None:
         config["quantization"] = config["quantization_config"] = q  # mlx-lm writes both
-    (dst / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
-    for name in TOKENIZER_FILES:
+    atomic.write_json(dst / "config.json", dict(sorted(config.items())))
+    for name in TOKENIZER_FILES:  # the same list as output_files: plan.json already names each as ours
         if (src / name).exists():
-            shutil.copyfile(src / name, dst / name)
+            atomic.write_bytes(dst / name, (src / name).read_bytes())
     weight_map = {a[0]: s.name for s in plan.shards for it in s.items for a in it.arrays}
     index = {"metadata": {"total_size": plan.tensor_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-    (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    atomic.write_json(dst / INDEX_FILE, index)
     plan.recipe.save(dst / "recipe.json")
     if importance is not None:
         importance.save(dst / "imatrix.safetensors")
 
 
-def write_manifest(dst: Path, plan: Plan, fp: dict, importance: Importance | None) -> None:
-    """Written last: its presence marks a finished, verified conversion."""
-    manifest = {"format": "glm-mlx conversion", "version": 1, "recipe": plan.recipe.to_dict(), "method": fp["method"],
+def write_manifest(dst: Path, plan: Plan, fp: dict, importance: Importance | None, files: list[str]) -> None:
+    """Written last: its presence marks a finished, verified conversion; `files` (what it wrote) is what a
+    later --force may delete."""
+    manifest = {"format": MANIFEST_FORMAT, "version": 2, "files": sorted(files), "recipe": plan.recipe.to_dict(), "method": fp["method"],
                 "mtp": plan.mtp, "source": fp["source"], "tensor_bytes": plan.tensor_bytes, "file_bytes": plan.file_bytes,
                 "shards": [{"name": s.name, "bytes": s.size, "tensors": sum(len(i.arrays) for i in s.items)} for s in plan.shards],
                 "imatrix": None if importance is None else {"tokens": importance.tokens, "key": fp["imatrix"],
                                                             "defaults": importance.defaults}}
-    (dst / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-
+    atomic.write_json(dst / MANIFEST, manifest)
 
 
 def verify(dst: Path, plan: Plan) -> int:
@@ -355,6 +313,8 @@ def convert(src, dst, recipe: Recipe, *, importance: Importance | None = None, i
     and deletes them once no later shard needs them. Re-running after an interruption resumes.
     """
     dst = Path(dst).expanduser()
+    if fetcher is None:  # (--stream's source lives in dst/.glm-mlx-source by design)
+        check_paths(src, dst)
     recipe = dataclasses.replace(recipe, method=method or recipe.method)  # recipe.json records the rounding
     method = recipe.method
     source = Source(Path(src)) if fetcher is None else fetcher.source
@@ -366,10 +326,9 @@ def convert(src, dst, recipe: Recipe, *, importance: Importance | None = None, i
     check_source(source, plan)
     check_importance(plan, importance)
     fp = fingerprint(source, plan, method, importance_id, block_elems, fetcher.origin if fetcher else None)
-    todo = prepare_output(dst, fp, plan, force)
+    todo, files = prepare_output(dst, fp, plan, output_files(plan, source, importance), force)
     check_disk(dst, todo, plan, fetcher.peak_bytes(todo) if fetcher else 0)
-    (dst / WORK).mkdir(parents=True, exist_ok=True)
-    (dst / WORK / "plan.json").write_text(json.dumps(fp, indent=1))
+    write_plan(dst, fp, files)  # before any output file exists: it names them all as ours
     written = []
     with Bars(progress, plan.file_bytes, plan.file_bytes - sum(s.size for s in todo), dst.name) as bars:
         for i, shard in enumerate(todo):
@@ -392,7 +351,7 @@ def convert(src, dst, recipe: Recipe, *, importance: Importance | None = None, i
                 fetcher.release(shard_sources(shard, source) - later)
     write_metadata(source.folder, dst, plan, fp, importance)
     total = verify(dst, plan)
-    write_manifest(dst, plan, fp, importance)
+    write_manifest(dst, plan, fp, importance, files)
     if fetcher is not None:
         fetcher.cleanup()
     shutil.rmtree(dst / WORK, ignore_errors=True)

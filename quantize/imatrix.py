@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +30,7 @@ import mlx.nn as nn
 from mlx_lm.models.mla import MultiLinear
 from mlx_lm.models.switch_layers import SwitchLinear
 
+from glm_mlx import atomic
 from glm_mlx.config import ModelArgs
 from glm_mlx.model import DecoderLayer, MTPLayer
 from glm_mlx.sanitize import sanitize_weights
@@ -48,7 +51,19 @@ class Importance:
     def save(self, path: str | Path) -> None:
         meta = {"tokens": self.tokens, "counts": self.counts, "defaults": self.defaults, "wimp": self.wimp,
                 "resid": self.resid}
-        mx.save_safetensors(str(path), dict(self.imp), metadata={"glm-mlx-imatrix": json.dumps(meta)})
+        # Streamed into a temp file (it can be a GB for GLM-5.1), then glm_mlx.atomic's rename and folder fsync.
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                mx.save_safetensors(f, dict(self.imp), metadata={"glm-mlx-imatrix": json.dumps(meta)})
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            atomic.replace(tmp, path, synced=True)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, path: str | Path) -> "Importance":

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 
+from glm_mlx import atomic
 from glm_mlx.config import ModelArgs
 from glm_mlx.errors import GlmMlxError
 
@@ -118,7 +119,7 @@ class Recipe:
             raise RecipeError(f"{source}: {e}") from None
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic.write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":

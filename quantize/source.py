@@ -7,6 +7,7 @@ asked for; FP8 (float8_e4m3 + `weight_scale_inv` 128x128 block scales) is dequan
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -16,6 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from glm_mlx import atomic
 from glm_mlx.errors import CheckpointError
 from glm_mlx.loading import INDEX_FILE, read_config
 from glm_mlx.sanitize import FP8_BLOCK, dequantize_fp8
@@ -70,6 +72,15 @@ def read_header(path: Path) -> dict[str, Entry]:
             raise bad(f"truncated ({size:,} bytes, tensor {name} ends at {entry.end:,})")
         out[name] = entry
     return out
+
+
+def header_digest(path: Path) -> str:
+    """sha256 of a safetensors file's header (length prefix and JSON: every tensor's dtype, shape, offsets)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        body = f.read(min(n, 100 << 20))  # a damaged length is named when the shard is read, not here
+    return hashlib.sha256(head + body).hexdigest()[:32]
 
 
 class Source:
@@ -179,7 +190,7 @@ class ShardWriter:
     def finish(self) -> None:
         os.fsync(self.fd)
         os.close(self.fd)
-        os.replace(self.tmp, self.final)  # atomic: a shard under its final name is complete
+        atomic.replace(self.tmp, self.final, synced=True)  # a shard under its final name is complete, and stays
 
     def abort(self) -> None:
         os.close(self.fd)

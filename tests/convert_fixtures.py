@@ -4,6 +4,8 @@ split over several shards with an index, with an MTP layer and a tokenizer."""
 from __future__ import annotations
 
 import json
+import os
+import struct
 import tempfile
 from pathlib import Path
 
@@ -70,3 +72,41 @@ def make_source(path: Path, *, fp8: bool = False, shards: int = 3, seed: int = 0
 def tree_bytes(folder: Path) -> dict[str, bytes]:
     """Every file of a folder (recursively) -> its bytes, for byte-identity checks."""
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _header(path: Path) -> tuple[int, dict]:
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return n, json.loads(f.read(n))
+
+
+def swap_tensors(path: Path, a: str, b: str) -> None:
+    """Swap two same-shape tensors of a safetensors file by swapping their offsets in the header: the
+    weights change, the size does not, and neither does the mtime (put back, as `cp -p` would)."""
+    st = path.stat()
+    n, meta = _header(path)
+    assert (meta[a]["dtype"], meta[a]["shape"]) == (meta[b]["dtype"], meta[b]["shape"])
+    meta[a]["data_offsets"], meta[b]["data_offsets"] = meta[b]["data_offsets"], meta[a]["data_offsets"]
+    text = json.dumps(meta, separators=(",", ":")).encode()
+    assert len(text) <= n
+    with open(path, "r+b") as f:
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+
+
+def negate_tensor(path: Path, name: str) -> None:
+    """Flip the sign of a bf16 tensor in place: same header, same size, other weights; the mtime is set
+    one second later (as any write does; explicit so that coarse file-system clocks still see it)."""
+    st = path.stat()
+    n, meta = _header(path)
+    assert meta[name]["dtype"] == "BF16"
+    a, b = meta[name]["data_offsets"]
+    with open(path, "r+b") as f:
+        f.seek(8 + n + a)
+        data = bytearray(f.read(b - a))
+        data[1::2] = bytes(x ^ 0x80 for x in data[1::2])  # little-endian: the sign bit is in each odd byte
+        f.seek(8 + n + a)
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import mlx.core as mx
 import pytest
@@ -135,3 +138,33 @@ def test_stream_from_the_hub_resumes_after_an_interruption(src, tmp_path, hub):
     got = {k: v for k, v in tree_bytes(out).items() if k != "manifest.json"}
     assert got == want  # the same bytes as converting the local folder
     assert_clean_error(run("convert", src, tmp_path / "o", "--stream", ok=False), "repo id")
+
+
+def test_convert_into_its_own_source_is_refused_and_nothing_is_touched(src, tmp_path):
+    """As users run it: `glm-mlx convert SRC SRC --force` used to delete every source shard."""
+    mine = shutil.copytree(src, tmp_path / "src")
+    before = tree_bytes(mine)
+    env = {k: v for k, v in os.environ.items() if k != "GLM_MLX_DEBUG"}
+    p = subprocess.run([sys.executable, "-m", "glm_mlx.cli.app", "convert", str(mine), str(mine), "--force"],
+                       capture_output=True, text=True, env=env, timeout=300, check=False)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and [ln.split(":")[0] for ln in lines] == ["Error", "Hint"], p.stderr
+    assert f"the output folder {mine.resolve()} is the source folder" in lines[0] and "outside the source" in lines[1]
+    assert tree_bytes(mine) == before
+    text = tmp_path / "calib.txt"
+    text.write_text(TEXT)  # refused before calibrating, which caches its result in the output folder
+    assert_clean_error(run("convert", mine, mine, "--force", "--calibration", text, ok=False), "is the source folder")
+    assert_clean_error(run("convert", mine, mine / "mlx", "--force", ok=False), "is inside the source folder")
+    assert_clean_error(run("convert", mine, tmp_path, "--force", ok=False), "is inside the output folder")
+    assert tree_bytes(mine) == before
+
+
+def test_force_does_not_overwrite_someone_elses_folder(src, tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "model-00001-of-00002.safetensors").write_bytes(b"their weights")
+    (theirs / "config.json").write_text('{"theirs": true}')
+    before = tree_bytes(theirs)
+    assert_clean_error(run("convert", src, theirs, "--bits", "4", "--force", ok=False),
+                       "holds config.json, which no glm-mlx conversion wrote", "--force only replaces")
+    assert tree_bytes(theirs) == before

@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from convert_fixtures import make_source, tree_bytes
+from convert_fixtures import make_source, negate_tensor, swap_tensors, tree_bytes
 from mlx.utils import tree_flatten
 
 from glm_mlx import load, load_model
@@ -216,3 +216,121 @@ def test_an_importance_matrix_of_another_model_is_refused(bf16, tmp_path):
     wrong = Importance(imp={"model.layers.1.mlp.switch_mlp.up_proj": mx.ones((8, 7))})
     with pytest.raises(ConvertError, match=r"shape \[8, 7\] for model.layers.1.mlp.switch_mlp.up_proj"):
         convert(bf16, tmp_path / "out", Recipe.uniform("affine4g32"), importance=wrong, method="iq")
+
+
+# --- nothing lost: --force deletes only what a conversion wrote; a changed source is never mixed in ---------------
+def copy_source(bf16: Path, to: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(bf16, to))  # copy2: mtimes kept
+
+
+def test_output_may_not_be_the_source_or_overlap_it(bf16, tmp_path):
+    src = copy_source(bf16, tmp_path / "src")
+    before = tree_bytes(src)
+    (tmp_path / "link").symlink_to(src)
+    for dst, msg in ((src, "is the source folder"), (tmp_path / "link", "is the source folder"),
+                     (src / "mlx", "is inside the source folder"), (tmp_path, "is inside the output folder")):
+        with pytest.raises(ConvertError, match=msg):
+            convert(src, dst, Recipe.uniform("affine4g64"), force=True)
+        assert tree_bytes(src) == before and not (src / "mlx").exists()
+
+
+def test_force_never_touches_a_folder_glm_mlx_did_not_write(bf16, tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    shard = min(bf16.glob("model-*.safetensors"))
+    (theirs / "model-00001-of-00002.safetensors").write_bytes(shard.read_bytes())
+    (theirs / "config.json").write_text('{"theirs": true}')
+    before = tree_bytes(theirs)
+    for force in (True, False):
+        with pytest.raises(ConvertError, match="not empty: it holds config.json, which no glm-mlx conversion wrote"):
+            convert(bf16, theirs, Recipe.uniform("affine4g64"), shard_size=200_000, force=force)
+        assert tree_bytes(theirs) == before
+
+
+def test_force_over_our_conversion_removes_only_our_files(bf16, tmp_path):
+    out, clean = tmp_path / "out", tmp_path / "clean"
+    old = convert(bf16, out, Recipe.uniform("affine4g64"), shard_size=150_000)
+    old_files = {p.name for p in out.iterdir()}
+    mine = {"notes.txt": b"mine", "scratch.tmp": b"mine too"}  # not ours: kept as they are, --force or not
+    for name, data in mine.items():
+        (out / name).write_bytes(data)
+    (out / "extra.safetensors").write_bytes(b"theirs")  # a loader would read it beside our shards: refused
+    with pytest.raises(ConvertError, match="holds extra.safetensors, which glm-mlx did not write"):
+        convert(bf16, out, Recipe.uniform("affine8g64"), shard_size=400_000, force=True)
+    assert old_files < {p.name for p in out.iterdir()}
+    (out / "extra.safetensors").unlink()
+    new = convert(bf16, out, Recipe.uniform("affine8g64"), shard_size=400_000, force=True)
+    convert(bf16, clean, Recipe.uniform("affine8g64"), shard_size=400_000)
+    assert len(new.plan.shards) < len(old.plan.shards)  # the old shards' names are gone ...
+    got = tree_bytes(out)
+    assert {k: got.pop(k) for k in mine} == mine  # ... the foreign files are untouched ...
+    assert got == tree_bytes(clean)  # ... and the rest is exactly a clean conversion
+    assert json.loads(got["manifest.json"])["files"] == sorted(got)  # which names all it wrote
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupted(src: Path, out: Path, recipe: Recipe, shard_size: int, after: int = 2) -> list[str]:
+    """Convert, stopping as the shard after `after` finished ones is about to be renamed; the finished shards."""
+    finished = []
+
+    class Writer(converter.ShardWriter):
+        def finish(self):
+            if len(finished) == after:
+                raise Interrupted
+            super().finish()
+            finished.append(self.final.name)
+
+    real, converter.ShardWriter = converter.ShardWriter, Writer
+    try:
+        with pytest.raises(Interrupted):
+            convert(src, out, recipe, shard_size=shard_size)
+    finally:
+        converter.ShardWriter = real
+    assert (out / converter.WORK / "plan.json").exists() and not (out / "manifest.json").exists()
+    return finished
+
+
+@pytest.mark.parametrize("change", ["header", "bytes"])
+def test_resume_notices_a_source_changed_at_the_same_size(change, bf16, tmp_path):
+    """Killed after two shards, the source then changed: resuming would mix old and new weights.
+    `header`: two tensors swapped in the header, size and mtime kept; `bytes`: a tensor's data changed
+    (header and size kept), which leaves only the mtime to tell."""
+    src, out, clean = copy_source(bf16, tmp_path / "src"), tmp_path / "out", tmp_path / "clean"
+    recipe = Recipe.uniform("affine4g32")
+    finished = interrupted(src, out, recipe, 120_000)
+    old = {n: (out / n).read_bytes() for n in finished}
+    index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    if change == "header":  # both read by the first output shard
+        changed = index["model.layers.0.mlp.gate_proj.weight"]
+        swap_tensors(src / changed, "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight")
+        why = "has another safetensors header"
+    else:
+        changed = index["model.layers.0.self_attn.o_proj.weight"]
+        negate_tensor(src / changed, "model.layers.0.self_attn.o_proj.weight")
+        why = r"was modified \(its mtime changed\)"
+    with pytest.raises(ConvertError, match=f"source file {changed} {why}") as e:
+        convert(src, out, recipe, shard_size=120_000)
+    assert "--force" in e.value.hint
+    assert {n: (out / n).read_bytes() for n in finished} == old  # refused: nothing touched
+    convert(src, clean, recipe, shard_size=120_000)
+    assert any((clean / n).read_bytes() != data for n, data in old.items())  # the change matters to the output
+    result = convert(src, out, recipe, shard_size=120_000, force=True)
+    assert set(finished) <= set(result.written)
+    assert tree_bytes(out) == tree_bytes(clean)
+
+
+def test_resume_checks_a_finished_shard_before_skipping_it(bf16, tmp_path):
+    out, whole = tmp_path / "out", tmp_path / "whole"
+    recipe = Recipe.uniform("affine4g32")
+    convert(bf16, whole, recipe, shard_size=120_000)
+    finished = interrupted(bf16, out, recipe, 120_000)
+    with open(out / finished[0], "r+b") as f:  # same size, its header damaged
+        f.write(bytes(64))
+    result = convert(bf16, out, recipe, shard_size=120_000)
+    assert finished[0] in result.written and finished[1] not in result.written
+    assert tree_bytes(out) == tree_bytes(whole)
