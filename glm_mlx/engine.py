@@ -102,13 +102,12 @@ class Engine:
         while done < len(todo):
             step = self.prefill_step  # read per chunk: a scheduler may shrink it while others decode
             logits = self._forward(pc, todo[done : done + step])[0, -1]
+            # Evaluate and free between chunks: peak memory stays at one chunk's activations.
             mx.eval(logits, pc.arrays())
+            mx.clear_cache()
             stats.prompt_time = time.perf_counter() - start
             done += step
             if done < len(todo):
-                # Free between chunks: peak memory stays at one chunk's activations. (Not after the
-                # last: decoding reuses those buffers instead of allocating anew.)
-                mx.clear_cache()
                 yield done
         return logits
 
