@@ -13,6 +13,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="rich",  # explicit: options.install escapes help text for this mode
+    context_settings={"help_option_names": ["-h", "--help"]},  # -h as in mlx-lm and hf; commands inherit it
 )
 
 
@@ -26,7 +28,10 @@ def _root():
 
 @app.command()
 def version():
-    """Print the glm-mlx, MLX and mlx-lm versions."""
+    """Print the glm-mlx, MLX and mlx-lm versions.
+
+    Example: glm-mlx version
+    """
     from importlib.metadata import version as v
 
     typer.echo(f"glm-mlx {v('glm-mlx')}  mlx {v('mlx')}  mlx-lm {v('mlx-lm')}")
@@ -39,7 +44,7 @@ app.command(name="download")(_download.download)
 
 from . import fit as _fit  # noqa: E402
 
-app.command(name="fit")(_fit.fit)
+app.command(name="fit", cls=_fit.FitCommand)(_fit.fit)
 
 from . import bench as _bench  # noqa: E402
 from . import chat as _chat  # noqa: E402

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
-import typer
 from rich.console import Console
 from rich.markup import escape
-from typing_extensions import Annotated
 
-from .generate import format_stats, stats_dict
-from .options import MaxTokens, ModelArg, NoMtp, NumDraft, Seed, Temp, TopP, load_for_generation
+from .generate import Think, format_stats, open_prompt_cache, save_prompt_cache, stats_dict
+from .options import (ExtraEos, KvBits, MaxTokens, MinP, ModelArg, ModelOpt, NoMtp, NumDraft, PrefillStep,
+                      PromptCacheFile, Seed, Stop, SystemPrompt, Temp, TemplateArgs, TopK, TopP, add_extra_eos,
+                      load_for_generation, parse_template_args, pick_model)
 
 HELP = '''[bold]Commands[/]
   /think            toggle thinking mode (reasoning shown dimmed, never fed back)
@@ -58,11 +56,12 @@ def read_message(read=_read_line) -> str:
 
 
 def chat(
-    model: ModelArg = None,
-    system: Annotated[Optional[str], typer.Option("--system", help="System prompt.")] = None,
-    think: Annotated[bool, typer.Option("--think/--no-think", help="Start in thinking mode.")] = False,
-    max_tokens: MaxTokens = 1024, temp: Temp = 0.0, top_p: TopP = 1.0, seed: Seed = None,
-    no_mtp: NoMtp = False, num_draft: NumDraft = 1,
+    model: ModelArg = None, model_opt: ModelOpt = None, system: SystemPrompt = None,
+    think: Think = None, chat_template_args: TemplateArgs = None,
+    max_tokens: MaxTokens = 1024, temp: Temp = 0.0, top_p: TopP = 1.0, min_p: MinP = 0.0, top_k: TopK = 0,
+    seed: Seed = None, stop: Stop = None, extra_eos_token: ExtraEos = None,
+    no_mtp: NoMtp = False, num_draft: NumDraft = 1, prefill_step: PrefillStep = 2048,
+    prompt_cache_file: PromptCacheFile = None, kv_bits: KvBits = None,
 ):
     """Chat with a model in the terminal (multi-turn, prompt cache reused across turns).
 
@@ -70,12 +69,29 @@ def chat(
     """
     from glm_mlx.chat import ChatSession
 
+    template_args = parse_template_args(chat_template_args)  # before loading: a typo fails at once
+    asked = template_args.pop("enable_thinking", None)
+    think = think if think is not None else bool(asked)
     out = Console(highlight=False, soft_wrap=True)
-    m, tokenizer, path = load_for_generation(model, mtp=not no_mtp)
+    m, tokenizer, path = load_for_generation(pick_model(model, model_opt), mtp=not no_mtp, kv_bits=kv_bits)
+    add_extra_eos(tokenizer, extra_eos_token)
     session = ChatSession(m, tokenizer, system=system, thinking=think, mtp=not no_mtp, num_draft=num_draft,
-                          gen_kwargs=dict(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed))
+                          template_args=template_args,
+                          gen_kwargs=dict(max_tokens=max_tokens, temp=temp, top_p=top_p, min_p=min_p, top_k=top_k,
+                                          seed=seed, stop=stop, prefill_step=prefill_step))
+    if prompt_cache_file:  # its tokens are reused where the conversation starts the same (e.g. a long system prompt)
+        session.cache = open_prompt_cache(prompt_cache_file, m, path, mtp=not no_mtp)
     out.print(f"[bold]glm-mlx chat[/] - {escape(path.name)} (MTP {'on' if m.has_mtp and not no_mtp else 'off'},"
               f" thinking {'on' if think else 'off'}). /help for commands.")
+    _loop(session, out)
+    if prompt_cache_file:
+        saved = save_prompt_cache(session.cache, prompt_cache_file, path, messages=session.messages,
+                                  system=session.system)
+        out.print(f"[dim]prompt cache saved to {escape(str(saved))} ({len(session.cache.tokens)} tokens)[/]")
+
+
+def _loop(session, out: Console):
+    """Read and answer messages until /exit, Ctrl-D, or Ctrl-C twice at an empty prompt."""
     interrupted = False
     while True:
         try:

@@ -17,14 +17,25 @@ stderr = Console(stderr=True, highlight=False)
 CALIBRATION_WINDOW = 512  # tokens per calibration sequence
 
 
-def _choose_recipe(args, mtp, importance, recipe_file, bits, mode, group_size, target_size, fit, context):
+def _alias(values: dict):
+    """The one value given under any of an option's spellings ({"--bits": 4, "--q-bits": None} -> 4)."""
+    given = {name: v for name, v in values.items() if v is not None}
+    if len(set(given.values())) > 1:
+        names = " and ".join(f"{n} {v}" for n, v in given.items())
+        raise GlmMlxError(f"{names} disagree (the same option, spelled two ways)", "Pass it once.")
+    return next(iter(given.values()), None)
+
+
+def _choose_recipe(args, mtp, importance, recipe_file, bits, mode, group_size, target_size, fit, context,
+                   uniform="--bits/--mode/--group-size", quantize=False):
+    """`uniform`: how the user spelled the uniform-recipe options (for the error naming them); `quantize`: -q."""
     from glm_mlx.quantize.allocate import allocate
     from glm_mlx.quantize.formats import make_format
     from glm_mlx.quantize.macs import get_mac, parse_size
     from glm_mlx.quantize.planner import best_recipe_for, weights_budget
     from glm_mlx.quantize.recipe import Recipe, default_recipe
 
-    given = [n for n, v in (("--recipe", recipe_file), ("--bits/--mode/--group-size", bits or mode or group_size),
+    given = [n for n, v in (("--recipe", recipe_file), (uniform, quantize or bits or mode or group_size),
                             ("--target-size", target_size), ("--fit", fit)) if v]
     if len(given) > 1:
         raise GlmMlxError(f"{' and '.join(given)} each choose the recipe", "Pass only one of them.")
@@ -32,7 +43,7 @@ def _choose_recipe(args, mtp, importance, recipe_file, bits, mode, group_size, t
         raise GlmMlxError("--context only applies to --fit", "Pass --fit MAC with it, e.g. --fit m3-ultra-512 --context 65536.")
     if recipe_file:
         return Recipe.load(recipe_file)
-    if bits or mode or group_size:
+    if quantize or bits or mode or group_size:  # -q alone: affine 4-bit, group 64 (mlx-lm's default)
         return Recipe.uniform(make_format(mode or "affine", bits, group_size))
     if target_size:
         return allocate(args, parse_size(target_size), mtp, name=f"budget {target_size}", importance=importance)
@@ -90,6 +101,31 @@ def _importance(calibration: Path, source_folder: Path, dst: Path, stream: bool,
     return imp, key
 
 
+_DTYPE_NAMES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "f16": "float16",
+                "float32": "float32", "fp32": "float32", "f32": "float32"}
+
+
+def _dtype(name: str | None) -> str | None:
+    """--dtype's value as a config dtype name (bf16 -> bfloat16); None when not given."""
+    if name is None:
+        return None
+    if name.strip().lower() not in _DTYPE_NAMES:
+        raise GlmMlxError(f"--dtype must be bfloat16, float16 or float32 (got {name!r})",
+                          "Quantized weights take --bits/--mode; --dtype is for the weights stored unquantized.")
+    return _DTYPE_NAMES[name.strip().lower()]
+
+
+def _unquantized_as(recipe, fmt):
+    """`recipe` with every unquantized format (bf16, f16, f32) replaced by `fmt`."""
+    import dataclasses
+
+    def swap(f):
+        return f if f.quantized else fmt
+
+    return dataclasses.replace(recipe, default=swap(recipe.default),
+                               rules=[dataclasses.replace(r, format=swap(r.format)) for r in recipe.rules])
+
+
 def _quiet_transformers():
     from transformers.utils import logging
 
@@ -114,6 +150,13 @@ def convert(
     shard_size: Annotated[str, typer.Option("--shard-size", help="Largest output shard.")] = "5GB",
     force: Annotated[bool, typer.Option("--force", help="Overwrite a finished (or differently started) conversion in DST.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary instead of the folder.")] = False,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="What unquantized weights (and affine scales and biases) are stored as: bfloat16, float16 or float32 [default: the source's dtype].", show_default=False)] = None,
+    dequantize: Annotated[bool, typer.Option("--dequantize", "-d", help="Write an MLX-quantized or FP8 checkpoint back unquantized (bfloat16, or --dtype), streaming shard by shard.")] = False,
+    upload_repo: Annotated[Optional[str], typer.Option("--upload-repo", help="Then upload the result to this Hub repo (owner/name; created if missing; HF_TOKEN or `hf auth login`).", show_default=False)] = None,
+    quantize: Annotated[bool, typer.Option("--quantize", "-q", help="mlx-lm's spelling: a uniform recipe, affine 4-bit, group 64 unless --q-bits/--q-group-size/--q-mode say otherwise.")] = False,
+    q_bits: Annotated[Optional[int], typer.Option("--q-bits", help="mlx-lm's spelling of --bits.", show_default=False)] = None,
+    q_group_size: Annotated[Optional[int], typer.Option("--q-group-size", help="mlx-lm's spelling of --group-size.", show_default=False)] = None,
+    q_mode: Annotated[Optional[str], typer.Option("--q-mode", help="mlx-lm's spelling of --mode.", show_default=False)] = None,
 ):
     """Convert an HF checkpoint (BF16 or FP8) into a quantized MLX checkpoint.
 
@@ -124,20 +167,43 @@ def convert(
     Example: glm-mlx convert zai-org/GLM-5.1-FP8 ~/models/GLM-5.1-mlx --stream --fit m3-ultra-512 --context 131072
 
     Example: glm-mlx convert ./glm-mini ./glm-mini-iq4 --bits 4 --calibration calib.txt
+
+    Example: glm-mlx convert zai-org/GLM-5.1-FP8 ~/models/GLM-5.1-bf16 --stream --dequantize
+
+    Example: glm-mlx convert ./GLM-5.1 ./GLM-5.1-4bit -q --upload-repo me/GLM-5.1-4bit
     """
     from glm_mlx.config import ModelArgs
     from glm_mlx.loading import resolve_path
     from glm_mlx.quantize import converter
+    from glm_mlx.quantize.formats import unquantized
     from glm_mlx.quantize.macs import parse_size
     from glm_mlx.quantize.progress import fmt_bytes
-    from glm_mlx.quantize.recipe import METHODS
-    from glm_mlx.quantize.source import Source
+    from glm_mlx.quantize.recipe import METHODS, Recipe
+    from glm_mlx.quantize.source import open_source, quantization_kind
 
     if method is not None and method not in METHODS:
         raise GlmMlxError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+    bits = _alias({"--bits": bits, "--q-bits": q_bits})
+    group_size = _alias({"--group-size": group_size, "--q-group-size": q_group_size})
+    mode = _alias({"--mode": mode, "--q-mode": q_mode})
+    uniform = "/".join(n for n, v in (("-q", quantize), ("--bits", bits), ("--mode", mode), ("--group-size", group_size)) if v)
+    dtype = _dtype(dtype)
+    if dequantize:
+        recipe_given = [n for n, v in (("--recipe", recipe_file), (uniform, uniform), ("--target-size", target_size),
+                                       ("--fit", fit), ("--calibration", calibration), ("--method", method)) if v]
+        if recipe_given:
+            raise GlmMlxError(f"--dequantize writes unquantized weights: {recipe_given[0]} does not apply",
+                              f"Drop {recipe_given[0]}, or drop --dequantize to quantize.")
+    if upload_repo is not None:
+        from glm_mlx import hub_upload
+
+        hub_upload.check_upload_repo(upload_repo)
     dst = dst.expanduser()
     if (dst / converter.MANIFEST).exists() and not force:
-        raise converter.ConvertError(f"{dst} already holds a finished conversion", "Pass --force to overwrite it, or choose another folder.")
+        hint = "Pass --force to overwrite it, or choose another folder."
+        if upload_repo is not None:
+            hint += f" To upload it as it is: hf upload {upload_repo} {dst}"
+        raise converter.ConvertError(f"{dst} already holds a finished conversion", hint)
     fetcher = None
     if stream:
         from glm_mlx.quantize.stream import HubFetcher
@@ -147,23 +213,48 @@ def convert(
         fetcher = HubFetcher(src, dst, revision)
         source = fetcher.source
     else:
-        source = Source(resolve_path(src))
+        source = open_source(resolve_path(src))
         converter.check_paths(source.folder, dst)  # before calibration caches anything in dst
-    args = ModelArgs.from_dict(source.config)
+    kind = quantization_kind(source.config)
+    if dequantize and kind not in ("mlx", "fp8"):
+        raise GlmMlxError(f"{src} is not quantized: there is nothing to dequantize" if kind is None else
+                          f"{src} is quantized with {kind}, which --dequantize cannot read (it reads MLX-quantized and FP8 checkpoints)",
+                          "Drop --dequantize (--dtype sets the dtype of the unquantized weights)." if kind is None else
+                          "Convert from the checkpoint's original BF16 weights.")
+    if kind == "mlx" and not dequantize:
+        raise converter.ConvertError(f"{src} is already an MLX-quantized checkpoint",
+                                     "Pass --dequantize to write it unquantized, or convert from the original HF checkpoint (BF16 or FP8).")
+    args = ModelArgs.from_dict(converter.with_dtype(source.config, dtype))
     mtp = converter.mtp_in_source(args, source.weight_map)
     importance, imp_id = (None, None)
     if calibration is not None:
         importance, imp_id = _importance(calibration, source.folder, dst, stream, calibration_tokens, force)
-    recipe = _choose_recipe(args, mtp, importance, recipe_file, bits, mode, group_size, target_size, fit, context)
+    if dequantize:
+        out_dtype = converter.config_dtype(args.extra)
+        recipe = Recipe.uniform(unquantized(out_dtype), name=f"dequantized to {out_dtype}")
+    else:
+        recipe = _choose_recipe(args, mtp, importance, recipe_file, bits, mode, group_size, target_size, fit, context,
+                                uniform or "--bits/--mode/--group-size", quantize)
+        if dtype is not None:  # --dtype says what "unquantized" means: a recipe's bf16/f16/f32 rules follow it
+            recipe = _unquantized_as(recipe, unquantized(dtype))
     recipe.method = method or ("iq" if importance is not None else recipe.method)
+    if upload_repo is not None:  # before hours of converting: a missing token or write access fails now
+        hub_upload.create_repo(upload_repo)
     result = converter.convert(source.folder, dst, recipe, importance=importance, importance_id=imp_id,
-                               shard_size=int(parse_size(shard_size)), force=force, progress=True, fetcher=fetcher)
+                               shard_size=int(parse_size(shard_size)), force=force, progress=True, fetcher=fetcher,
+                               dtype=dtype)
     plan = result.plan
     stderr.print(f"Converted {src} -> {dst}: {len(plan.shards)} shards, {fmt_bytes(result.tensor_bytes)} of weights "
                  f"(= the planner's prediction), recipe {recipe.name or recipe.default.name}, rounding {recipe.method}; "
                  f"{len(result.written)} shards written now, {len(plan.shards) - len(result.written)} already there.", soft_wrap=True)
+    url = None
+    if upload_repo is not None:
+        files = json.loads((dst / converter.MANIFEST).read_text())["files"]
+        url = hub_upload.upload_files(dst, upload_repo, files)
+        stderr.print(f"Uploaded {len(files)} files to {url}", soft_wrap=True)
     if as_json:
         typer.echo(json.dumps({"path": str(dst), "shards": len(plan.shards), "written": result.written,
-                               "tensor_bytes": result.tensor_bytes, "recipe": recipe.to_dict()}))
+                               "tensor_bytes": result.tensor_bytes, "recipe": recipe.to_dict(),
+                               **({"uploaded": url} if url else {})}))
     else:
         typer.echo(str(dst))

@@ -2,6 +2,8 @@
 
 Set GLM_MLX_DEBUG=1 to see the traceback instead. The app's group class (`HandledGroup`) applies the handler
 around every command, so the console script and Typer's CliRunner print the same Error/Hint text.
+Operating-system errors (read-only disk, port in use, ...) name their cause; a closed stdout pipe
+(`glm-mlx fit | head -2`) ends the command quietly with exit 0.
 """
 
 from __future__ import annotations
@@ -42,17 +44,45 @@ def _click_flow() -> tuple[type[BaseException], ...]:
 _CLICK_FLOW = _click_flow()
 
 
+# errno -> (what happened, what to do): the operating system's refusals are the user's to fix, not bugs.
+_OS_ERRORS = {
+    errno.ENOSPC: ("no space left on device", "Free disk space, then re-run: finished work is kept."),
+    errno.EDQUOT: ("disk quota exceeded", "Free space within your quota or write to another disk, then re-run."),
+    errno.EROFS: ("read-only file system", "Write to a folder on a writable disk."),
+    errno.EACCES: ("permission denied", "Check the permissions, or choose a folder you can write to."),
+    errno.EPERM: ("operation not permitted", "Check the permissions, or choose another folder."),
+    errno.ENOENT: ("not found", "Check the path."),
+    errno.ENOTDIR: ("not a folder (a part of this path is a file)", "Choose a path whose parents are folders."),
+    errno.EISDIR: ("is a folder, where a file was expected", "Pass a file, or choose another path."),
+    errno.EEXIST: ("already exists", "Remove it, or choose another path."),
+    errno.ENAMETOOLONG: ("file name too long", "Choose a shorter path."),
+    errno.EMFILE: ("too many open files", "Raise the limit (e.g. ulimit -n 4096), then re-run."),
+    errno.ENFILE: ("too many open files on this system", "Close other programs or raise the limit, then re-run."),
+    errno.EADDRINUSE: ("address already in use", "Pick another --port (0 takes any free one), or stop what is using it."),
+    errno.EADDRNOTAVAIL: ("address not available on this machine", "Check --host, e.g. 127.0.0.1 or 0.0.0.0."),
+    errno.ENOMEM: ("out of memory", "Close other programs, or choose a smaller model or context."),
+}
+
+
 def describe(exc: BaseException) -> tuple[str, str] | None:
     """(message, hint) for exceptions a user can act on; None for bugs."""
     if isinstance(exc, GlmMlxError):
         return str(exc), exc.hint
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return f"no space left on device ({exc.filename or 'output'})", "Free disk space, then re-run: finished work is kept."
-    if isinstance(exc, FileNotFoundError):
-        return f"not found: {exc.filename or exc}", "Check the path."
-    if isinstance(exc, PermissionError):
-        return f"permission denied: {exc.filename or exc}", "Check the file permissions."
+    if isinstance(exc, OSError) and exc.errno in _OS_ERRORS:
+        what, hint = _OS_ERRORS[exc.errno]
+        where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        return (f"{what}: {where}" if where else what), hint
     return None
+
+
+def _quiet_exit():
+    """The reader of our output took what it wanted (`glm-mlx fit | head -2`): exit 0 without a word. Python flushes
+    stdout again at exit, so point it at devnull first (the recipe in the docs of `signal`, "Note on SIGPIPE")."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor (e.g. a test runner's capture)
+        pass
+    sys.exit(0)
 
 
 def run_with_errors(fn, *args, **kwargs):
@@ -64,7 +94,13 @@ def run_with_errors(fn, *args, **kwargs):
     except KeyboardInterrupt:
         stderr.print("[yellow]Interrupted.[/]")
         sys.exit(130)
+    except SystemExit as exc:
+        if isinstance(exc.__context__, BrokenPipeError):  # rich's Console.on_broken_pipe: exit(1), stdout at devnull
+            _quiet_exit()
+        raise
     except Exception as exc:  # noqa: BLE001 - this is the one place exceptions become messages
+        if isinstance(exc, BrokenPipeError):  # in this thread, only stdout/stderr: sockets fail in serve's own threads
+            _quiet_exit()
         if os.environ.get("GLM_MLX_DEBUG") == "1":
             raise
         known = describe(exc)
@@ -80,7 +116,14 @@ def run_with_errors(fn, *args, **kwargs):
 
 
 class HandledGroup(TyperGroup):
-    """The app's command group: runs each command under `run_with_errors`."""
+    """The app's command group: runs each command under `run_with_errors`, with its options checked against
+    cli/options.py's table of ranges and its help shown as written (see `options.install`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from .options import install
+
+        install(self.commands)
 
     def invoke(self, ctx):
         return run_with_errors(super().invoke, ctx)

@@ -11,18 +11,46 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperCommand
 
 from glm_mlx.config import ModelArgs
 from glm_mlx.errors import ConfigError, GlmMlxError
+from glm_mlx.model import set_kv_cache_bits
 from glm_mlx.quantize.allocate import allocate
 from glm_mlx.quantize.formats import make_format
-from glm_mlx.quantize.macs import GiB, MacError, custom_mac, get_mac, mac_names, parse_size
+from glm_mlx.quantize import compare as cmp
+from glm_mlx.quantize.macs import GiB, Mac, MacError, custom_mac, get_mac, mac_names, parse_size, products
 from glm_mlx.quantize.pipeline_plan import parse_macs
 from glm_mlx.quantize.planner import Plan, best_recipe_for, glm51_args, pipeline_size, plan, plan_pipeline
 from glm_mlx.quantize.recipe import Recipe, default_recipe, recipe_from_quantization
 from glm_mlx.quantize.serving import serving_plan
+from glm_mlx.quantize.this_mac import ThisMac, detect
+
+from .options import KvBits, ModelOpt, check_kv_bits, pick_model
 
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DEFAULT_MAC = "m3-ultra-512"  # what fit plans for without --mac where this is not a Mac
+
+
+class FitCommand(TyperCommand):
+    """`--compare` alone means the default list of Macs: the parser gets `--compare=all` for it."""
+
+    def parse_args(self, ctx, args):
+        args = list(args)
+        for i, a in enumerate(args):
+            if a == "--":
+                break
+            if a == "--compare" and (i + 1 == len(args) or args[i + 1].startswith("-")):
+                args[i] = "--compare=all"
+        return super().parse_args(ctx, args)
+
+
+def with_kv_bits(args: ModelArgs, label: str, kv_bits: int | None) -> tuple[ModelArgs, str]:
+    """The config priced with a --kv-bits cache (its bytes per token: codes + scales + biases + rope keys)."""
+    if kv_bits:
+        check_kv_bits(kv_bits)
+        set_kv_cache_bits(args, kv_bits)
+    return args, label
 
 
 def load_model_args(model: str | None) -> tuple[ModelArgs, str]:
@@ -66,8 +94,9 @@ def _choose_recipe(args, mac, context, mtp, recipe_file, bits, mode, group_size,
 
 
 def fit(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hugging Face repo id, local folder or config.json [default: embedded GLM-5.1]."),
-    mac: str = typer.Option("m3-ultra-512", "--mac", help="Mac, e.g. m3-ultra-512, m4-max-128, m3-max-96-30c; 'list' shows all."),
+    model: Optional[str] = typer.Argument(None, help="Hugging Face repo id, local folder or config.json [default: embedded GLM-5.1].", show_default=False),
+    model_opt: ModelOpt = None,
+    mac: Optional[str] = typer.Option(None, "--mac", help="Mac, e.g. m3-ultra-512, m3-max-96-30c, 'Mac Studio M3 Ultra 512GB'; 'list' shows all [default: this Mac on macOS, else m3-ultra-512]."),
     memory: Optional[str] = typer.Option(None, "--memory", help="Custom Mac: unified memory as Apple labels it, e.g. 192GB."),
     bandwidth: Optional[float] = typer.Option(None, "--bandwidth", help="Custom Mac: memory bandwidth in GB/s, e.g. 800."),
     context: Optional[int] = typer.Option(None, "--context", "-c", help="Context in tokens [default: max_position_embeddings]."),
@@ -80,21 +109,36 @@ def fit(
     solve: bool = typer.Option(False, "--solve", help="Find the best recipe for this Mac at this context."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the recipe used (e.g. the solved one) to this JSON file."),
     pipeline: Optional[str] = typer.Option(None, "--pipeline", help="Also split over several Macs, e.g. m3-ultra-256,m3-ultra-256."),
-    max_batch: Optional[int] = typer.Option(None, "--max-batch", min=1, max=256, help="Serving: sequences decoded together [default: as many full-context caches as fit]."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the report."),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Serving: sequences decoded together [default: as many full-context caches as fit]."),
+    compare: Optional[str] = typer.Option(None, "--compare", metavar="[MACS]", help="One table over Macs: per Mac the best recipe (as --solve) at --context [default: 32768], its size, bits/weight, max context, est. decode/prefill tok/s. Alone: every catalog Mac with >= 64 GB or where something fits; or a list, e.g. m3-ultra-512,m3-ultra-256,m4-max-128."),
+    contexts: Optional[str] = typer.Option(None, "--contexts", help="With --compare: a column per context, e.g. 8K,32K,128K,max (K = 1024 tokens): the bits/weight of the best recipe at that context and its est. decode tok/s ('-': nothing fits)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw memory (weights, KV cache, working set) against context with the wired limits to this PNG, for --mac or the --compare Macs (needs glm-mlx[plot])."),
+    kv_bits: KvBits = None,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the report (with --compare: a list of rows)."),
 ):
-    """Does the model fit this Mac, at what context, and how fast? Priced from config.json alone."""
+    """Does the model fit this Mac, at what context, and how fast? Priced from config.json alone.
+
+    Example: glm-mlx fit --mac m4-max-128 --context 32768 --solve
+    """
+    model = pick_model(model, model_opt)
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 100)  # pipes: wide enough for the table
-    if mac.strip().lower() == "list":
-        _print_macs(console)
+    if mac is not None and mac.strip().lower() == "list":
+        _print_macs(Console(highlight=False, width=None if sys.stdout.isatty() else 160))
         return
-    if memory is not None or bandwidth is not None:
-        if memory is None or bandwidth is None:
-            raise MacError("a custom Mac needs both --memory and --bandwidth", "e.g. --memory 192GB --bandwidth 800")
-        the_mac = custom_mac(parse_size(memory, binary_gb=True) / GiB, bandwidth)
-    else:
-        the_mac = get_mac(mac)
-    args, label = load_model_args(model)
+    if compare is not None:
+        given = [n for n, v in (("--mac", mac), ("--memory/--bandwidth", memory or bandwidth), ("--recipe", recipe_file),
+                                ("--bits/--mode/--group-size", bits or mode or group_size), ("--target-size", target_size),
+                                ("--solve", solve), ("--out", out), ("--pipeline", pipeline), ("--max-batch", max_batch)) if v]
+        if given:
+            raise GlmMlxError(f"--compare solves the best recipe for each Mac; {', '.join(given)} do not apply to it",
+                              "Drop them, or compare Macs by name: --compare m3-ultra-512,m4-max-128.")
+        args, label = with_kv_bits(*load_model_args(model), kv_bits)
+        _compare(args, label, compare, context, contexts, not no_mtp, plot, as_json)
+        return
+    if contexts:
+        raise GlmMlxError("--contexts adds columns to the --compare table", "Add --compare (alone: the catalog).")
+    args, label = with_kv_bits(*load_model_args(model), kv_bits)
+    the_mac, here = _pick_mac(mac, memory, bandwidth, model)
     mtp = not no_mtp
     n_ctx = args.max_position_embeddings if context is None else context
     recipe = _choose_recipe(args, the_mac, n_ctx, mtp, recipe_file, bits, mode, group_size, target_size, solve)
@@ -105,8 +149,11 @@ def fit(
     serving = serving_plan(p, max_batch) if p.fits != "no" else None
     if out:
         recipe.save(out)
+    plotted = _plot([cmp.memory_curve(args, recipe, the_mac, mtp)], plot, label, as_json) if plot else None
     if as_json:
         d = p.to_dict()
+        if here is not None:
+            d["this_mac"] = here.to_dict()
         if serving:
             d["serving"] = serving.to_dict()
         if pipe:
@@ -115,11 +162,15 @@ def fit(
             d["pipeline_macs_needed"] = needed
         typer.echo(json.dumps(d))
         return
+    if here is not None:
+        _print_here(console, here, p)
     _print_plan(console, p, needed, serving)
     if pipe:
         _print_pipeline(console, pipe)
     if out:
         console.print(f"Recipe written to {out}")
+    if plotted:
+        console.print(f"Plot written to {plotted}")
 
 
 def gb(n: float) -> str:
@@ -140,11 +191,13 @@ def _print_plan(c: Console, p: Plan, pipeline_macs: int | None = None, serving=N
     t.add_row(f"KV cache ({p.kv_bytes_per_token:,} B/token x {p.kv_bytes // p.kv_bytes_per_token:,})", gb(p.kv_bytes))
     t.add_row(f"Working set (prefill chunk {min(p.prefill_chunk, p.context):,})", gb(p.working_set_bytes))
     t.add_row("[bold]Total to wire[/]", f"[bold]{gb(p.total_bytes)}[/]")
-    t.add_row("GPU wired limit (macOS default)", gb(p.wired_limit_bytes))
+    raised = p.mac.wired_limit_mb
+    t.add_row(f"GPU wired limit ({f'raised: iogpu.wired_limit_mb={raised}' if raised else 'macOS default'})",
+              gb(p.wired_limit_bytes))
     t.add_row(f"Raised limit (RAM - {p.os_allowance_bytes / GiB:.0f} GiB for macOS + apps)", gb(p.max_wired_limit_bytes))
     c.print(t)
     if p.fits == "yes":
-        c.print("[bold green]Fits[/] within the default GPU wired limit.")
+        c.print(f"[bold green]Fits[/] within {'this Mac' + chr(39) + 's raised' if raised else 'the default'} GPU wired limit.")
     elif p.fits == "raise-wired-limit":
         c.print(f"[bold yellow]Fits after raising the GPU wired limit:[/] {p.sysctl}")
     else:
@@ -190,10 +243,104 @@ def _print_pipeline(c: Console, pp) -> None:
 
 def _print_macs(c: Console) -> None:
     t = Table(header_style="bold", box=None)
-    for col in ("name", "memory", "bandwidth", "GPU", "default wired limit"):
+    for col in ("name", "memory", "bandwidth", "GPU", "default wired limit", "sold in"):
         t.add_column(col, no_wrap=True)
     for name in mac_names():
         m = get_mac(name)
         t.add_row(name, f"{m.memory_gb:g} GB", f"{m.bandwidth_gbs:g} GB/s", f"{m.gpu_cores}-core",
-                  f"{m.default_wired_limit / GiB:.1f} GiB")
+                  f"{m.default_wired_limit / GiB:.1f} GiB", ", ".join(products(m.chip)))
     c.print(t)
+    c.print("Product names work too, e.g. --mac 'Mac Studio M3 Ultra 512GB' or 'MacBook Pro M4 Max 128GB'.")
+
+
+# --- this Mac ------------------------------------------------------------------------------------
+def _pick_mac(mac: str | None, memory, bandwidth, model: str | None) -> tuple[Mac, ThisMac | None]:
+    """The Mac to plan for, and what detection found when none was named (None: one was named)."""
+    if memory is not None or bandwidth is not None:
+        if memory is None or bandwidth is None:
+            raise MacError("a custom Mac needs both --memory and --bandwidth", "e.g. --memory 192GB --bandwidth 800")
+        return custom_mac(parse_size(memory, binary_gb=True) / GiB, bandwidth), None
+    if mac is not None:
+        return get_mac(mac), None
+    here = detect(folder=_model_folder(model))
+    return (here.mac if here.is_mac else get_mac(DEFAULT_MAC)), here
+
+
+def _model_folder(model: str | None) -> Path:
+    """Where the weights are or will go: a local --model's folder, else the Hugging Face cache."""
+    path = Path(model).expanduser() if model else None
+    if path is not None and path.exists():
+        return path if path.is_dir() else path.parent
+    try:
+        from huggingface_hub import constants
+
+        return Path(constants.HF_HUB_CACHE)
+    except ImportError:
+        return Path.home() / ".cache" / "huggingface" / "hub"
+
+
+def _print_here(c: Console, here: ThisMac, p: Plan) -> None:
+    if not here.is_mac:
+        c.print(f"Planning for the default catalog Mac {DEFAULT_MAC}: this is not a Mac ({here.system}); "
+                "pass --mac to plan for another.", soft_wrap=True)
+        return
+    m = here.mac
+    how = f"raised: iogpu.wired_limit_mb={m.wired_limit_mb}" if m.wired_limit_mb else "macOS default"
+    c.print(f"Planning for this Mac: {m.label}, wired limit {m.wired_limit / GiB:.1f} GiB ({how})", soft_wrap=True)
+    if here.free_disk_bytes is not None:
+        there = any(Path(here.disk_path).glob("*.safetensors"))
+        short = not there and here.free_disk_bytes < p.weights_bytes
+        c.print(f"Disk: {gb(here.free_disk_bytes)} free at {here.disk_path}"
+                + (f" [yellow](less than the {gb(p.weights_bytes)} of weights)[/]" if short else ""), soft_wrap=True)
+
+
+# --- several Macs ---------------------------------------------------------------------------------
+def _compare(args, label: str, which: str, context, contexts, mtp: bool, plot, as_json: bool) -> None:
+    macs = None if which.strip().lower() in ("", "all") else cmp.parse_mac_list(which)
+    ctxs = cmp.parse_contexts(contexts, args.max_position_embeddings)
+    rows = cmp.compare(args, macs, context, ctxs, mtp, label)
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+    plotted = _plot(cmp.plot_curves(args, rows, mtp, unfit=macs is not None), plot, label, as_json) if plot else None
+    if as_json:
+        typer.echo(json.dumps([r.to_dict() for r in rows]))
+        return
+    _print_compare(console, label, rows, ctxs, cmp.smallest_weights(args, mtp), args.max_position_embeddings)
+    if plotted:
+        console.print(f"Plot written to {plotted}")
+
+
+def _print_compare(c: Console, label: str, rows: list, ctxs: list, floor: int, top: int) -> None:
+    c.print(f"[bold]{label}[/]: the best recipe per Mac at {rows[0].best.context:,} tokens")
+    fit = [r for r in rows if r.fits_somewhere]
+    t = Table(header_style="bold", box=None, pad_edge=False)
+    for col in ("Mac", "GB/s", "recipe", "weights", "bits/w", "max context", "decode tok/s", "prefill tok/s", "limit",
+                *(lab for lab, _ in ctxs)):
+        t.add_column(col, justify="left" if col in ("Mac", "recipe", "limit") else "right", no_wrap=True)
+    for r in fit:
+        b, p = r.best, r.best.plan
+        main = ([b.kind, gb(p.weights_bytes), f"{b.bits_per_weight:.2f}", f"{p.max_context:,}", f"{p.decode_tok_s:.1f}",
+                 f"{p.prefill_tok_s:.0f}", "default" if b.fits == "yes" else "raise"] if p else ["does not fit"] + ["-"] * 6)
+        cells = [f"{s.bits_per_weight:.2f} bpw {s.plan.decode_tok_s:.1f}/s" if s.plan else "-" for s in r.contexts]
+        t.add_row(r.mac.name, f"{r.mac.bandwidth_gbs:g}", *main, *cells)
+    if fit:
+        c.print(t)
+    rest = [r for r in rows if not r.fits_somewhere]
+    if rest:
+        c.print(f"Nothing fits on {', '.join(r.mac.name for r in rest)}: the smallest recipe needs {gb(floor)} of weights; "
+                f"these Macs have at most {gb(max(r.weights_budget_bytes for r in rest))} for weights at "
+                f"{rest[0].best.context:,} tokens.", soft_wrap=True)
+    c.print("[dim]Recipes fill RAM minus the OS reserve; limit 'raise': raise the GPU wired limit first (glm-mlx fit "
+            "--mac NAME --solve --context N prints the sysctl)."
+            + (" Per context: bits/weight of the best recipe there and est. decode tok/s." if ctxs else "")
+            + "".join(f" {lab} is planned at the model's maximum, {top:,} tokens." for lab, n in ctxs if n == top) + "[/]",
+            soft_wrap=True)
+
+
+def _plot(curves: list[dict], path: Path, label: str, as_json: bool) -> Path:
+    """Draw the PNG; with --json say so on stderr (stdout holds only the JSON), else the caller says it last."""
+    from glm_mlx.quantize.fit_plot import plot_memory
+
+    out = plot_memory(curves, path, f"{label}: memory against context")
+    if as_json:
+        typer.echo(f"Plot written to {out}", err=True)
+    return out

@@ -13,29 +13,30 @@ from typing_extensions import Annotated
 
 from glm_mlx.errors import GlmMlxError
 
-from .options import ModelArg, NoMtp, NumDraft, load_for_generation
+from .options import (KvBits, ModelArg, ModelOpt, NoMtp, NumDraft, check_kv_bits, load_for_generation,
+                      parse_template_args, pick_model)
 
 Host = Annotated[str, typer.Option("--host", help="Address to bind; keep 127.0.0.1 unless you mean to share it.")]
-Port = Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port (0: any free port).")]
+Port = Annotated[int, typer.Option("--port", help="TCP port (0: any free port).")]
 Context = Annotated[Optional[int], typer.Option(
-    "--context", min=1, help="Most prompt + completion tokens per request. Default: the model's context, capped by "
+    "--context", help="Most prompt + completion tokens per request. Default: the model's context, capped by "
     "what fits in GPU memory beside the weights.", show_default=False)]
-ServeMaxTokens = Annotated[int, typer.Option("--max-tokens", min=1, help="Completion tokens when a request sets no "
+ServeMaxTokens = Annotated[int, typer.Option("--max-tokens", help="Completion tokens when a request sets no "
                                              "max_tokens (cut to what the context leaves).")]
 Reasoning = Annotated[bool, typer.Option("--reasoning/--no-reasoning", help="Think before answering when a request "
                                          "does not say (chat_template_kwargs.enable_thinking, Anthropic thinking).")]
 TemplateArgs = Annotated[Optional[str], typer.Option(
     "--chat-template-args", help='JSON defaults for chat_template_kwargs, e.g. \'{"enable_thinking": false}\'.',
     show_default=False)]
-PrefillStep = Annotated[int, typer.Option("--prefill-step", min=16, help="Prompt tokens per prefill chunk (a "
+PrefillStep = Annotated[int, typer.Option("--prefill-step-size", "--prefill-step", help="Prompt tokens per prefill chunk (a "
                                           "cancelled request stops within one chunk).")]
-PrefillBudget = Annotated[int, typer.Option("--prefill-budget", min=16, help="Prompt tokens prefilled per step while "
+PrefillBudget = Annotated[int, typer.Option("--prefill-budget", help="Prompt tokens prefilled per step while "
                                             "other requests decode (their streams wait that long per token).")]
-CacheSlots = Annotated[int, typer.Option("--cache-slots", min=1, max=64, help="Conversations whose prompt cache is "
+CacheSlots = Annotated[int, typer.Option("--cache-slots", help="Conversations whose prompt cache is "
                                          "kept in memory.")]
-MaxQueue = Annotated[int, typer.Option("--max-queue", min=1, help="Requests that may wait; more get HTTP 503.")]
+MaxQueue = Annotated[int, typer.Option("--max-queue", help="Requests that may wait; more get HTTP 503.")]
 MaxBatch = Annotated[Optional[int], typer.Option(
-    "--max-batch", min=1, max=256, help="Sequences decoded together (continuous batching). Default: how many "
+    "--max-batch", help="Sequences decoded together (continuous batching). Default: how many "
     "full-context caches fit beside the weights in GPU memory, at most 8 (8 where the backend does not say).",
     show_default=False)]
 CacheDir = Annotated[Optional[str], typer.Option(
@@ -44,8 +45,8 @@ CacheDir = Annotated[Optional[str], typer.Option(
 CacheMemory = Annotated[Optional[str], typer.Option(
     "--cache-memory", help="RAM tier of the prefix cache, e.g. 32GB. Default: what the memory plan leaves beside the "
     "weights and the batch's caches (2GB where the backend does not say).", show_default=False)]
-CacheDisk = Annotated[str, typer.Option("--cache-disk", help="SSD tier size; least recently used blocks go first.")]
-CacheBlock = Annotated[int, typer.Option("--cache-block", min=2, max=65536, help="Tokens per prefix-cache block.")]
+CacheDisk = Annotated[str, typer.Option("--cache-disk", help="SSD tier size; least recently used blocks go first; 0 turns the SSD tier off.")]
+CacheBlock = Annotated[int, typer.Option("--cache-block", help="Tokens per prefix-cache block.")]
 NoPrefixCache = Annotated[bool, typer.Option("--no-prefix-cache", help="Keep only the live conversations' caches.")]
 
 
@@ -54,24 +55,17 @@ class ServeError(GlmMlxError):
 
 
 def _template_args(text: str | None) -> dict:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ServeError(f"--chat-template-args is not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise ServeError("--chat-template-args must be a JSON object")
-    return value
+    return parse_template_args(text)  # the one parser generate, chat and serve share
 
 
 def serve(
-    model: ModelArg = None, host: Host = "127.0.0.1", port: Port = 8080, context: Context = None,
+    model: ModelArg = None, model_opt: ModelOpt = None, host: Host = "127.0.0.1", port: Port = 8080, context: Context = None,
     max_tokens: ServeMaxTokens = 8192, reasoning: Reasoning = True, chat_template_args: TemplateArgs = None,
     no_mtp: NoMtp = False, num_draft: NumDraft = 1, prefill_step: PrefillStep = 2048,
     prefill_budget: PrefillBudget = 512, cache_slots: CacheSlots = 4,
     max_queue: MaxQueue = 64, max_batch: MaxBatch = None, cache_dir: CacheDir = None, cache_memory: CacheMemory = None,
     cache_disk: CacheDisk = "64GB", cache_block: CacheBlock = 256, no_prefix_cache: NoPrefixCache = False,
+    kv_bits: KvBits = None,
 ):
     """Serve the model over the OpenAI and Anthropic HTTP APIs (tool calls, reasoning, streaming).
 
@@ -82,12 +76,14 @@ def serve(
     from glm_mlx.serve.stream import ServerConfig
     from glm_mlx.serve.worker import Worker
 
+    model = pick_model(model, model_opt)
     template_args = _template_args(chat_template_args)
+    check_kv_bits(kv_bits)  # here, not in the worker thread that loads the model
     err = Console(stderr=True)
     holder = {}
 
     def loader():  # runs in the worker thread: the model's arrays belong to it
-        m, tokenizer, path = load_for_generation(model, context=context or 8192, mtp=not no_mtp)
+        m, tokenizer, path = load_for_generation(model, context=context or 8192, mtp=not no_mtp, kv_bits=kv_bits)
         holder.update(path=path, **_budget(path, m.args, not no_mtp, context, max_batch))
         worker.max_batch = holder["batch"]  # before the worker sizes its batch and cache pool
         return m, tokenizer

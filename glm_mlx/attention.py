@@ -14,6 +14,12 @@ reference and each other):
     is O(chunk x k), never O(L x T), and the work O(L x k) instead of O(L x T).
 The indexer scores keys chunk by chunk over queries too, so its float32 scores are
 [B, Lc, h, T] per chunk, not [B, h, L, T]. Path choice depends only on shapes (no host syncs).
+
+A quantized cache (kv_cache_bits) returns a `QuantizedKV`: the sparse path gathers each query's k
+quantized rows and dequantizes just those ([B, Lc, k, C]), then scores latent and rope halves with
+two matmuls; the dense paths dequantize the cached rows (T <= index_topk in decode). Dequantizing
+the gathered rows beat mx.quantized_matmul on them on the CPU backend (see
+benchmarks/bench_kv_quant.py), and it keeps one code path for both backends.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from mlx_lm.models.mla import MultiLinear
 from mlx_lm.models.rope_utils import initialize_rope
 
 from .batch_cache import BatchLayerCache
-from .cache import DSACache
+from .cache import DSACache, QuantizedKV
 from .config import ModelArgs
 
 # Below this many new tokens the absorbed (latent-space) path is cheaper than expanding keys.
@@ -132,7 +138,7 @@ class Indexer(nn.Module):
         w = self.weights_proj(x).astype(mx.float32) * (h**-0.5 * D**-0.5)  # [B, 1, h]
         if not isinstance(keys, tuple):
             keys = keys[:, 0].astype(mx.float32)  # [B, Tcap, D]
-        score = self._score(q, w, keys, cache.kv.shape[2])  # [B, 1, Tcap]
+        score = self._score(q, w, keys, cache.capacity)  # [B, 1, Tcap]
         score = mx.where(valid[:, None, :], score, -mx.inf)
         return mx.argpartition(-score, kth=self.topk - 1, axis=-1)[..., : self.topk].astype(mx.int32)
 
@@ -234,12 +240,14 @@ class MLAttention(nn.Module):
             kv = cache.update_kv(latent, k_pe)  # [B, 1, T, C+R]
         else:
             kv = mx.concatenate([latent, k_pe], axis=-1)
-        T = kv.shape[2]
+        T = kv.length if isinstance(kv, QuantizedKV) else kv.shape[2]
 
         topk = self.indexer(x, qr, offset, cache) if self.indexer is not None else prev_topk
         if topk is not None and self._use_sparse(L, T, topk.shape[-1]):
             out = self._attend_sparse(q_nope, q_pe, kv, topk)
         else:
+            if isinstance(kv, QuantizedKV):
+                kv = kv.rows()  # dense: every cached row, dequantized
             mask = sparse_mask(topk, L, T)
             if L <= ABSORBED_MAX_TOKENS:
                 out = self._attend_latent(q_nope, q_pe, kv, mask)
@@ -261,7 +269,8 @@ class MLAttention(nn.Module):
         else:
             topk = prev_topk
         if topk is None:  # every row within index_topk: dense over its own tokens
-            return self._attend_latent(q_nope, q_pe, kv, valid[:, None, None, :], n_keys=cache.max_length), None
+            rows = kv.rows() if isinstance(kv, QuantizedKV) else kv
+            return self._attend_latent(q_nope, q_pe, rows, valid[:, None, None, :], n_keys=cache.max_length), None
         chosen = mx.take_along_axis(valid, topk[:, 0], axis=-1)  # [B, k]: a short row's picks past its end
         return self._attend_sparse(q_nope, q_pe, kv, topk, valid=chosen[:, None, None, :]), topk
 
@@ -290,27 +299,38 @@ class MLAttention(nn.Module):
 
     def _attend_sparse(self, q_nope, q_pe, kv, topk, valid=None):
         """Latent-space attention over each query's own top-k cache rows -> [B, H, L, V].
-        valid [B, L, 1, k] (batched decoding): which selected rows hold a token."""
+        valid [B, L, 1, k] (batched decoding): which selected rows hold a token.
+        kv: the [B, 1, T, C+R] cache rows, or a QuantizedKV of them."""
         B, H, L, _ = q_nope.shape
-        T, CR, k = kv.shape[2], kv.shape[-1], topk.shape[-1]
-        C = self.args.kv_lora_rank
-        flat = kv.reshape(B * T, CR)  # [B, 1, T, C+R] -> rows of the cache
+        quantized = isinstance(kv, QuantizedKV)
+        T, k = (kv.length if quantized else kv.shape[2]), topk.shape[-1]
+        C, R = self.args.kv_lora_rank, self.args.qk_rope_head_dim
+        CR = C + R
+        flat = None if quantized else kv.reshape(B * T, CR)  # [B, 1, T, C+R] -> rows of the cache
         rows = topk if B == 1 else topk + (mx.arange(B, dtype=topk.dtype) * T)[:, None, None]
         per_query = (k + 6 * H) * CR * kv.dtype.size  # bytes alive per query of a chunk
         size = self.query_chunk or max(1, SPARSE_CHUNK_BYTES // per_query)
         outs = []
         for s, e in chunks(L, size):
             idx = mx.depends(rows[:, s:e], outs[-1]) if outs else rows[:, s:e]  # chunks in order
-            sel = mx.take(flat, idx, axis=0)  # [B, Lc, k, C+R]
             q = self._latent_query(q_nope[:, :, s:e], q_pe[:, :, s:e], k).transpose(0, 2, 1, 3)  # [B, Lc, H, C+R]
-            scores = q @ sel.swapaxes(-1, -2)  # [B, Lc, H, k]
+            if quantized:
+                sel = kv.take(idx)  # the k selected rows, still quantized
+                lat = sel.latent()  # [B, Lc, k, C]: only these rows are dequantized
+                scores = q[..., :C] @ lat.swapaxes(-1, -2) + q[..., C:] @ sel.rope.swapaxes(-1, -2)  # [B, Lc, H, k]
+            else:
+                sel = mx.take(flat, idx, axis=0)  # [B, Lc, k, C+R]
+                scores = q @ sel.swapaxes(-1, -2)  # [B, Lc, H, k]
             keep = valid[:, s:e] if valid is not None else None
             if keep is None and T - L + s + 1 < k:  # a query with fewer than k causal keys also got later ones
                 keep = (topk[:, s:e] <= (T - L + mx.arange(s, e))[:, None])[:, :, None]  # [B, Lc, 1, k]
-            probs = self._latent_softmax(scores, sel.dtype, keep)
-            # Values are the latent half of each row; multiplying the whole row and dropping the rope
-            # columns afterwards avoids copying a strided [B, Lc, k, C] slice.
-            o = (probs @ sel)[..., :C].transpose(0, 2, 1, 3)  # [B, Lc, H, C] -> [B, H, Lc, C]
+            probs = self._latent_softmax(scores, kv.dtype, keep)
+            if quantized:
+                o = (probs @ lat).transpose(0, 2, 1, 3)  # [B, Lc, H, C] -> [B, H, Lc, C]
+            else:
+                # Values are the latent half of each row; multiplying the whole row and dropping the rope
+                # columns afterwards avoids copying a strided [B, Lc, k, C] slice.
+                o = (probs @ sel)[..., :C].transpose(0, 2, 1, 3)  # [B, Lc, H, C] -> [B, H, Lc, C]
             outs.append(self.unembed_out(o))  # [B, H, Lc, V]
         return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 

@@ -63,13 +63,9 @@ class DecodeGroup:
         self.seqs = list(seqs)
         n = model.args.num_hidden_layers
 
-        def build(caches):
-            return BatchLayerCache.build([BatchLayerCache.rows_from(c) for c in caches], [c.offset for c in caches],
-                                         caches[0].has_indexer, caches[0].index_bits, caches[0].latent_dim)
-
-        self.layers = [build([s.pc.cache[layer] for s in seqs]) for layer in range(n)]
+        self.layers = [BatchLayerCache.of([s.pc.cache[layer] for s in seqs]) for layer in range(n)]
         with_mtp = all(s.pc.mtp_cache is not None for s in seqs)
-        self.mtp = build([s.pc.mtp_cache for s in seqs]) if with_mtp else None
+        self.mtp = BatchLayerCache.of([s.pc.mtp_cache for s in seqs]) if with_mtp else None
         self.pending = mx.concatenate([s.pc.pending for s in seqs], axis=0) if with_mtp else None
 
     @staticmethod
@@ -92,7 +88,7 @@ class DecodeGroup:
 
     def arrays(self) -> list[mx.array]:
         caches = self.layers + ([self.mtp] if self.mtp is not None else [])
-        return [a for c in caches for a in [c.kv, *c.index]] + ([self.pending] if self.pending is not None else [])
+        return [a for c in caches for a in c.arrays()] + ([self.pending] if self.pending is not None else [])
 
 
 class BatchEngine:

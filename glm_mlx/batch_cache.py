@@ -6,14 +6,16 @@ sequences' rows sit in one [B, 1, Tcap, D] buffer (right-padded: row b holds len
 tokens), each decode step writes one row per sequence at its own position (a scatter), and
 attention runs once for the batch with a per-row validity mask. Sequences join and leave between
 steps (`BatchLayerCache.build` / `rows_of`): a membership change copies rows once, a decode step
-copies nothing. Growth follows DSACache (256-token steps).
+copies nothing. Growth follows DSACache (256-token steps). A quantized cache (kv_bits) keeps its
+four latent-KV parts (codes, scales, biases, rope keys) as four such buffers, and quantizes each
+step's new rows as DSACache does.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 
-from .cache import GROWTH_STEP, DSACache
+from .cache import GROWTH_STEP, DSACache, QuantizedKV, quantize_latent
 
 
 def _pad(a: mx.array, T: int) -> mx.array:
@@ -25,46 +27,62 @@ def _pad(a: mx.array, T: int) -> mx.array:
 
 
 class BatchLayerCache:
-    def __init__(self, has_indexer: bool, index_bits: int | None, kv: mx.array, index: list[mx.array],
-                 lengths: list[int], latent_dim: int):
+    def __init__(self, has_indexer: bool, index_bits: int | None, kv: list[mx.array], index: list[mx.array],
+                 lengths: list[int], latent_dim: int, kv_bits: int | None = None, kv_group_size: int = 64):
         self.has_indexer, self.index_bits = has_indexer, index_bits
-        self.kv, self.index = kv, index  # [B, 1, Tcap, C+R]; [B, 1, Tcap, .] per indexer part
+        self.kv_bits, self.kv_group_size = kv_bits or None, kv_group_size
+        # [B, 1, Tcap, C+R] (or its quantized parts: codes, scales, biases, rope keys); [B, 1, Tcap, .] per indexer part
+        self.kv, self.index = list(kv), index
         self.lengths = list(lengths)
         self.latent_dim = latent_dim
 
     # --- joining and leaving -----------------------------------------------------------------
     @classmethod
-    def build(cls, rows: list[tuple[mx.array, list[mx.array]]], lengths: list[int], has_indexer: bool,
-              index_bits: int | None, latent_dim: int) -> "BatchLayerCache":
-        """rows[b] = (kv [1, 1, t_b, C+R], indexer parts [1, 1, t_b, .]) -> one padded batch buffer."""
+    def build(cls, rows: list[tuple[list[mx.array], list[mx.array]]], lengths: list[int], has_indexer: bool,
+              index_bits: int | None, latent_dim: int, kv_bits: int | None = None,
+              kv_group_size: int = 64) -> "BatchLayerCache":
+        """rows[b] = (latent-KV parts [1, 1, t_b, .], indexer parts [1, 1, t_b, .]) -> one padded batch buffer."""
         T = max(GROWTH_STEP, -(-(max(lengths) + 1) // GROWTH_STEP) * GROWTH_STEP)
-        kv = mx.concatenate([_pad(r[0], T) for r in rows], axis=0)
-        parts = len(rows[0][1])
-        index = [mx.concatenate([_pad(r[1][i], T) for r in rows], axis=0) for i in range(parts)]
-        return cls(has_indexer, index_bits, kv, index, lengths, latent_dim)
+
+        def stack(parts):
+            return [mx.concatenate([_pad(p, T) for p in group], axis=0) for group in zip(*parts)]
+
+        return cls(has_indexer, index_bits, stack([r[0] for r in rows]), stack([r[1] for r in rows]), lengths,
+                   latent_dim, kv_bits, kv_group_size)
+
+    @classmethod
+    def of(cls, caches: list[DSACache]) -> "BatchLayerCache":
+        """One layer's batch buffer from each sequence's own cache of that layer."""
+        c = caches[0]
+        if any((x.kv_bits, x.kv_group_size) != (c.kv_bits, c.kv_group_size) for x in caches):
+            raise ValueError("caches with different kv_cache_bits cannot decode in one batch")
+        return cls.build([cls.rows_from(x) for x in caches], [x.offset for x in caches], c.has_indexer, c.index_bits,
+                         c.latent_dim, c.kv_bits, c.kv_group_size)
 
     @staticmethod
-    def rows_from(cache: DSACache) -> tuple[mx.array, list[mx.array]]:
-        """A sequence's own cache as (kv, indexer parts), its valid rows only."""
+    def rows_from(cache: DSACache) -> tuple[list[mx.array], list[mx.array]]:
+        """A sequence's own cache as (latent-KV parts, indexer parts), its valid rows only."""
         n = cache.offset
-        return cache._kv.valid(n), [b.valid(n) for b in cache._index]
+        return cache.kv_parts(n), [b.valid(n) for b in cache._index]
 
-    def rows(self, b: int) -> tuple[mx.array, list[mx.array]]:
+    def rows(self, b: int) -> tuple[list[mx.array], list[mx.array]]:
         """Row b's valid part, as rows_from gives it."""
         n = self.lengths[b]
-        return self.kv[b : b + 1, :, :n], [p[b : b + 1, :, :n] for p in self.index]
+        return [p[b : b + 1, :, :n] for p in self.kv], [p[b : b + 1, :, :n] for p in self.index]
 
     @staticmethod
-    def store(cache: DSACache, rows: tuple[mx.array, list[mx.array]]):
+    def store(cache: DSACache, rows: tuple[list[mx.array], list[mx.array]]):
         """Write a batch row back into a sequence's own cache (it leaves the batch)."""
         kv, index = rows
-        n = kv.shape[2]
+        n = kv[0].shape[2]
         T = -(-n // GROWTH_STEP) * GROWTH_STEP  # the growth invariant: a multiple of the step
 
         def own(a):  # a copy of its own, not a view that keeps the whole batch buffer alive
             return _pad(a, T) if T != n else mx.contiguous(a)
 
-        cache._kv.data, cache.offset = own(kv), n
+        for buf, part in zip(cache._kv, kv):
+            buf.data = own(part)
+        cache.offset = n
         for buf, part in zip(cache._index, index):
             buf.data = own(part)
 
@@ -78,8 +96,16 @@ class BatchLayerCache:
     def max_length(self) -> int:
         return max(self.lengths)
 
+    @property
+    def capacity(self) -> int:
+        """Tcap: rows per sequence in the padded buffers."""
+        return self.kv[0].shape[2]
+
+    def arrays(self) -> list[mx.array]:
+        return [*self.kv, *self.index]
+
     def _grow(self):
-        T = self.kv.shape[2]
+        T = self.capacity
         if self.max_length + 1 <= T:
             return
         extra = GROWTH_STEP
@@ -87,21 +113,28 @@ class BatchLayerCache:
         def grow(a):
             return mx.concatenate([a, mx.zeros(a.shape[:2] + (extra,) + a.shape[3:], a.dtype)], axis=2)
 
-        self.kv = grow(self.kv)
+        self.kv = [grow(p) for p in self.kv]
         self.index = [grow(p) for p in self.index]
 
     def _scatter(self, buf: mx.array, new: mx.array, pos: mx.array) -> mx.array:
         buf[mx.arange(buf.shape[0]), 0, pos] = new[:, 0, 0]  # new [B, 1, 1, D] -> row b at pos[b]
         return buf
 
-    def update_kv(self, latent: mx.array, k_pe: mx.array) -> mx.array:
-        """Write each sequence's one new token ([B, 1, 1, C], [B, 1, 1, R]); return the whole buffer."""
+    def update_kv(self, latent: mx.array, k_pe: mx.array):
+        """Write each sequence's one new token ([B, 1, 1, C], [B, 1, 1, R]); return the whole buffer
+        (a QuantizedKV of it with kv_bits)."""
         self._grow()
         self.latent_dim = latent.shape[-1]
         self._pos = self.offsets
-        self.kv = self._scatter(self.kv, mx.concatenate([latent, k_pe], axis=-1), self._pos)
+        if self.kv_bits:
+            parts = quantize_latent(latent, k_pe, self.kv_bits, self.kv_group_size)
+        else:
+            parts = (mx.concatenate([latent, k_pe], axis=-1),)
+        self.kv = [self._scatter(buf, p, self._pos) for buf, p in zip(self.kv, parts)]
         self.lengths = [n + 1 for n in self.lengths]
-        return self.kv
+        if self.kv_bits:
+            return QuantizedKV(*self.kv, self.kv_bits, self.kv_group_size)
+        return self.kv[0]
 
     def update_index(self, keys):
         """The new tokens' indexer keys (written at the positions update_kv just used)."""
@@ -111,4 +144,4 @@ class BatchLayerCache:
 
     def valid(self) -> mx.array:
         """[B, Tcap] bool: which rows hold a token (after this step's write)."""
-        return mx.arange(self.kv.shape[2])[None, :] < mx.array(self.lengths)[:, None]
+        return mx.arange(self.capacity)[None, :] < mx.array(self.lengths)[:, None]

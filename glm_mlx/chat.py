@@ -29,6 +29,7 @@ class ChatSession:
     mtp: bool = True
     num_draft: int = 1
     gen_kwargs: dict = field(default_factory=dict)  # max_tokens, temp, top_p, seed, ...
+    template_args: dict = field(default_factory=dict)  # chat template keywords (enable_thinking is `thinking`)
     messages: list = field(default_factory=list)
     last: GenerationResponse | None = None
 
@@ -41,7 +42,7 @@ class ChatSession:
     def send(self, text: str) -> Iterator[Piece]:
         """Stream the reply to `text`. Reasoning is yielded but never fed back into the history."""
         self.messages.append({"role": "user", "content": text})
-        prompt = render_chat(self.tokenizer, self.conversation(), enable_thinking=self.thinking)
+        prompt = render_chat(self.tokenizer, self.conversation(), **{**self.template_args, "enable_thinking": self.thinking})
         ids = list(self.tokenizer.encode(prompt, add_special_tokens=False))
         # The same GLM output parser as the server (reasoning vs answer; tool markup stays text here).
         parser, answer = OutputParser(thinking=ends_in_thinking(prompt), parse_tools=False), []

@@ -18,6 +18,7 @@ from .errors import ConfigError
 MODEL_TYPE = "glm_moe_dsa"
 # mlx-lm's initialize_rope understands these; anything else is refused up front.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "deepseek_yarn", "llama3")
+KV_CACHE_BITS = (None, 8, 4)  # latent KV cache: model dtype, or mx.quantize codes of these bits
 
 
 @dataclass
@@ -68,6 +69,10 @@ class ModelArgs:
     # Not an HF key: store indexer keys as 8-bit (per-key float32 scale and bias) instead of the
     # model dtype. Opt-in: it can change the top-k choice (see docs/long_context.md).
     index_cache_bits: int | None = None
+    # Not an HF key: store each token's latent KV (kv_lora_rank values) as `kv_cache_bits`-bit codes
+    # with a scale and bias per group (mlx's affine mx.quantize, group kv_cache_group_size, scales in
+    # the model dtype); the rope key stays in the model dtype. None: the whole row in the model dtype.
+    kv_cache_bits: int | None = None
     tie_word_embeddings: bool = False
     eos_token_id: Any = None
     bos_token_id: Any = None
@@ -188,6 +193,10 @@ class ModelArgs:
             bad("index_cache_bits", self.index_cache_bits, "only None (model dtype) or 8 are supported")
         if self.index_cache_bits and self.index_head_dim not in (32, 64, 128):
             bad("index_head_dim", self.index_head_dim, "an 8-bit indexer cache needs 32, 64 or 128 (one scale per key)")
+        if self.kv_cache_bits not in KV_CACHE_BITS:
+            bad("kv_cache_bits", self.kv_cache_bits, "only None (model dtype), 8 or 4 are supported")
+        if self.kv_cache_bits and self.kv_lora_rank % 32:
+            bad("kv_lora_rank", self.kv_lora_rank, "a quantized KV cache needs a multiple of 32 (the quantization group)")
         if self.num_nextn_predict_layers not in (0, 1):
             bad("num_nextn_predict_layers", self.num_nextn_predict_layers, "GLM-5.x has one MTP layer; 0 or 1 supported")
         if self.tie_word_embeddings:
@@ -203,14 +212,24 @@ class ModelArgs:
         e = self.eos_token_id
         return [] if e is None else ([e] if isinstance(e, int) else list(e))
 
+    @property
+    def kv_cache_group_size(self) -> int:
+        """Quantization group of the latent KV (kv_cache_bits): 64 where kv_lora_rank allows, else 32."""
+        return 64 if self.kv_lora_rank % 64 == 0 else 32
+
     def has_indexer(self, layer: int) -> bool:
         """Whether decoder layer `layer` has its own indexer (the MTP layer always does)."""
         return layer >= self.num_hidden_layers or self.indexer_types[layer] == "full"
 
     # --- analytic costs (checked against real nbytes by the tests) -------------------------
     def latent_bytes_per_token(self, dtype_bytes: int = 2) -> int:
-        """One layer's latent KV cache: kv_lora_rank latent + qk_rope_head_dim rope key."""
-        return (self.kv_lora_rank + self.qk_rope_head_dim) * dtype_bytes
+        """One layer's latent KV cache: kv_lora_rank latent + qk_rope_head_dim rope key (with
+        kv_cache_bits: the latent's codes plus a scale and a bias per group, in the model dtype,
+        and the rope key in the model dtype)."""
+        C, R = self.kv_lora_rank, self.qk_rope_head_dim
+        if self.kv_cache_bits:
+            return C * self.kv_cache_bits // 8 + 2 * (C // self.kv_cache_group_size) * dtype_bytes + R * dtype_bytes
+        return (C + R) * dtype_bytes
 
     def indexer_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         """One full-indexer layer's indexer key cache: one index_head_dim key per token

@@ -74,10 +74,18 @@ class PipelineModel:
         return self.model.model.layers[self.start : self.end]
 
     def make_cache(self, mtp: bool = False) -> list[DSACache]:
-        caches = [DSACache(self.args.has_indexer(i)) for i in range(self.start, self.end)]
+        a = self.args
+        kv = dict(kv_bits=a.kv_cache_bits, kv_group_size=a.kv_cache_group_size)
+        caches = [DSACache(a.has_indexer(i), a.index_cache_bits, **kv) for i in range(self.start, self.end)]
         if mtp and self.has_mtp:
-            caches.append(DSACache(True) if self.last else _OffsetOnlyCache(True))
+            caches.append(DSACache(True, a.index_cache_bits, **kv) if self.last else _OffsetOnlyCache(True))
         return caches
+
+    def set_kv_cache_bits(self, bits: int | None):
+        """As Model.set_kv_cache_bits (every rank sets it: each runs the same command line)."""
+        from .model import set_kv_cache_bits
+
+        set_kv_cache_bits(self.args, bits)
 
     def _share(self, logits: mx.array, depends_on=None) -> mx.array:
         """The last rank's float32 logits on every rank."""

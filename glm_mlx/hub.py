@@ -13,6 +13,7 @@ Remote file names, etags and the commit id become paths on disk, so all are chec
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import threading
@@ -40,6 +41,7 @@ from huggingface_hub.utils import WeakFileLock, build_hf_headers, filter_repo_ob
 from tqdm.auto import tqdm
 
 from . import atomic
+from .disk import check_writable
 from .remote_paths import _COMMIT, UnsafeRepoError, _join, check_etag, check_repo_path  # noqa: F401 - re-exported
 from .errors import CheckpointError, GlmMlxError
 from .progress import TransferBars
@@ -78,6 +80,33 @@ class DownloadResult:
     path: Path
     files: int
     bytes: int
+
+
+@dataclass
+class DownloadPlan:
+    """What a download would fetch (`--dry-run`): each file's size and the bytes of it already on disk."""
+
+    repo_id: str
+    commit: str
+    path: Path  # where the files land: the local dir, or the cache's snapshot folder
+    files: list[tuple[str, int, int]]  # (path, size, bytes already on disk)
+    free: int  # free bytes on the disk that holds them
+
+    @property
+    def bytes(self) -> int:
+        return sum(f[1] for f in self.files)
+
+    @property
+    def have(self) -> int:
+        return sum(f[2] for f in self.files)
+
+    @property
+    def needed(self) -> int:
+        return self.bytes - self.have
+
+    @property
+    def fits(self) -> bool:
+        return self.needed <= self.free
 
 
 def fmt_bytes(n: float) -> str:
@@ -132,10 +161,14 @@ def hub_errors(repo_id: str, revision: str | None = None):
         raise
 
 
-def _listing(repo_id: str, revision: str | None, include, exclude) -> tuple[str, list[_Entry]]:
-    """(commit sha, selected files) from one model_info call, filtered like snapshot_download filters."""
+def _listing(repo_id: str, revision: str | None, include, exclude, token: str | None = None,
+             files: Sequence[str] | None = None) -> tuple[str, list[_Entry]]:
+    """(commit sha, selected files) from one model_info call, filtered like snapshot_download filters.
+
+    `files`: only these (exact repo paths; a folder name selects the files under it), each of which must exist;
+    include/exclude then filter them further."""
     with hub_errors(repo_id, revision):
-        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+        info = HfApi(token=token).model_info(repo_id, revision=revision, files_metadata=True)
     if not isinstance(info.sha, str) or not _COMMIT.fullmatch(info.sha):
         raise UnsafeRepoError(f"{repo_id} serves an unsafe commit id {info.sha!r} (not a 40-digit sha1);"
                               " refusing the download")
@@ -147,18 +180,29 @@ def _listing(repo_id: str, revision: str | None, include, exclude) -> tuple[str,
         etag = check_etag(repo_id, s.rfilename, etag)
         entries[s.rfilename] = _Entry(s.rfilename, size, etag, s.lfs is not None)
     include, exclude = list(include or []), list(exclude or [])
-    keep = set(filter_repo_objects(entries, allow_patterns=include or None, ignore_patterns=exclude or None))
+    rev = revision or "main"
+    named = entries
+    if files:
+        named = {}
+        for name in files:
+            folder = name.rstrip("/") + "/"
+            hits = [p for p in entries if p == name or p.startswith(folder)]
+            if not hits:
+                raise HubError(f"no file {name!r} in {repo_id}@{rev}",
+                               hint=f"See the file list at {constants.ENDPOINT}/{repo_id}/tree/{rev}.")
+            named.update((p, entries[p]) for p in hits)
+    keep = set(filter_repo_objects(named, allow_patterns=include or None, ignore_patterns=exclude or None))
     if not keep:
-        rev = revision or "main"
         what = " ".join([*(f"--include {p}" for p in include), *(f"--exclude {p}" for p in exclude)])
         raise HubError(f"no files in {repo_id}@{rev} match {what or 'the request'}",
                        hint=f"See the file list at {constants.ENDPOINT}/{repo_id}/tree/{rev} and adjust the patterns.")
     return info.sha, [e for p, e in entries.items() if p in keep]
 
 
-def repo_files(repo_id: str, revision: str | None = None, include=None, exclude=None) -> list[RepoFile]:
+def repo_files(repo_id: str, revision: str | None = None, include=None, exclude=None, token: str | None = None,
+               files: Sequence[str] | None = None) -> list[RepoFile]:
     """The repo's files as (path, size), after include/exclude globs (huggingface_hub's allow/ignore_patterns)."""
-    return [RepoFile(e.path, e.size) for e in _listing(repo_id, revision, include, exclude)[1]]
+    return [RepoFile(e.path, e.size) for e in _listing(repo_id, revision, include, exclude, token, files)[1]]
 
 
 def free_bytes(path: str | Path) -> int:
@@ -182,11 +226,12 @@ def check_disk(files: Iterable[Sequence], target_dir: str | Path, done: int | No
         done = sum(min(f[1], _size(Path(target_dir, f[0]))) for f in files)
     needed, free = max(total - done, 0), free_bytes(target_dir)
     if needed > free:
+        check_writable(target_dir)  # read-only, /proc-like or a file: say so, not "0 B free"
         raise DiskSpaceError(
             f"not enough disk space in {target_dir}: need {fmt_bytes(needed)} more, only {fmt_bytes(free)} free "
             f"({fmt_bytes(total)} in total, {fmt_bytes(done)} already downloaded)",
-            hint=f"Free at least {fmt_bytes(needed - free)}, or download to another disk with --dir DIR"
-            " (or set HF_HUB_CACHE).",
+            hint=f"Free at least {fmt_bytes(needed - free)}, or download to another disk with --local-dir/--dir DIR"
+            " or --cache-dir DIR (or set HF_HUB_CACHE).",
         )
     return needed
 
@@ -236,10 +281,12 @@ class _Tracked:
 class _Layout:
     """Where a weight file ends up and where its partial download lives, for the cache or a local_dir."""
 
-    def __init__(self, repo_id: str, commit: str, local_dir: Path | None):
+    def __init__(self, repo_id: str, commit: str, local_dir: Path | None, cache_dir: str | Path | None = None,
+                 token: str | None = None):
         self.repo_id = repo_id
         self.local_dir = local_dir
-        self.cache = Path(constants.HF_HUB_CACHE).expanduser().absolute()
+        self.cache = Path(cache_dir or constants.HF_HUB_CACHE).expanduser().absolute()
+        self.headers = build_hf_headers(token=token)
         self.storage = self.cache / repo_folder_name(repo_id=repo_id, repo_type="model")
         self.commit = commit
         self.target = local_dir or self.cache  # the disk that must hold the download
@@ -276,7 +323,7 @@ class _Layout:
 
 def _head(repo_id: str, e: _Entry, layout: _Layout) -> tuple[str, int]:
     """(etag, size) of one LFS file from a HEAD request; the etag, the blob's name, checked like the listing's."""
-    meta = get_hf_file_metadata(hf_hub_url(repo_id, e.path, revision=layout.commit), headers=build_hf_headers())
+    meta = get_hf_file_metadata(hf_hub_url(repo_id, e.path, revision=layout.commit), headers=layout.headers)
     etag = check_etag(repo_id, e.path, meta.etag) if meta.etag else e.etag
     return etag, meta.size if meta.size is not None else e.size
 
@@ -285,7 +332,7 @@ def _fetch_weight(repo_id: str, e: _Entry, layout: _Layout, bars: TransferBars, 
                   etag: str, size: int) -> None:
     """Download one LFS file (etag and size from `_head`) into its final place, continuing a partial file."""
     url = hf_hub_url(repo_id, e.path, revision=layout.commit)
-    headers = build_hf_headers()
+    headers = layout.headers
     final, partial = layout.final(e, etag), layout.partial(etag)
     if final.is_file() and _size(final) == size:
         return
@@ -324,14 +371,31 @@ def _wait_all(futures) -> None:
             fut.result()
 
 
+def _prepare(repo_id, revision, include, exclude, local_dir, cache_dir, token, files):
+    commit, entries = _listing(repo_id, revision, include, exclude, token, files)
+    layout = _Layout(repo_id, commit, Path(local_dir).expanduser().absolute() if local_dir else None, cache_dir, token)
+    return commit, entries, layout, {e.path: layout.done_bytes(e) for e in entries}
+
+
+def plan_download(repo_id: str, revision: str | None = None, include=None, exclude=None,
+                  local_dir: str | Path | None = None, *, cache_dir: str | Path | None = None,
+                  token: str | None = None, files: Sequence[str] | None = None) -> DownloadPlan:
+    """What `download_repo` with these arguments would fetch, from the listing alone: writes nothing."""
+    commit, entries, layout, done = _prepare(repo_id, revision, include, exclude, local_dir, cache_dir, token, files)
+    path = layout.local_dir or layout.storage / "snapshots" / commit
+    return DownloadPlan(repo_id, commit, path, [(e.path, e.size, done[e.path]) for e in entries], free_bytes(layout.target))
+
+
 def download_repo(repo_id: str, revision: str | None = None, include=None, exclude=None,
                   local_dir: str | Path | None = None, progress: bool = True,
-                  max_workers: int = 8) -> DownloadResult:
-    """`download`, also returning how many files and bytes the selection holds (for `--json`)."""
+                  max_workers: int = 8, *, cache_dir: str | Path | None = None, token: str | None = None,
+                  files: Sequence[str] | None = None) -> DownloadResult:
+    """`download`, also returning how many files and bytes the selection holds (for `--json`).
+
+    `cache_dir`: another Hugging Face cache than HF_HUB_CACHE; `token`: instead of the logged-in one;
+    `files`: only these repo paths (a folder selects what is under it), as `hf download REPO FILE...`."""
     include, exclude = list(include or []) or None, list(exclude or []) or None
-    commit, entries = _listing(repo_id, revision, include, exclude)
-    layout = _Layout(repo_id, commit, Path(local_dir).expanduser().absolute() if local_dir else None)
-    done = {e.path: layout.done_bytes(e) for e in entries}
+    commit, entries, layout, done = _prepare(repo_id, revision, include, exclude, local_dir, cache_dir, token, files)
     total, have = sum(e.size for e in entries), sum(done.values())
     check_disk(entries, layout.target, done=have)
     todo = [e for e in entries if e.lfs and done[e.path] < e.size]
@@ -353,8 +417,11 @@ def download_repo(repo_id: str, revision: str | None = None, include=None, exclu
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
         # Weights are in place: huggingface_hub links them into the snapshot and fetches the small files.
+        if files:  # exactly the selected files (escaped: a name is not a pattern)
+            include, exclude = [glob.escape(e.path) for e in entries], None
         path = snapshot_download(repo_id, revision=revision, local_dir=layout.local_dir, allow_patterns=include,
-                                 ignore_patterns=exclude, max_workers=max_workers, tqdm_class=_Quiet)
+                                 ignore_patterns=exclude, max_workers=max_workers, tqdm_class=_Quiet,
+                                 cache_dir=str(layout.cache) if cache_dir else None, token=token)
         bars.complete()
     return DownloadResult(Path(path), len(entries), total)
 

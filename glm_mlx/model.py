@@ -18,6 +18,16 @@ from .moe import MLP, MoE
 from .sanitize import sanitize_weights
 
 
+def set_kv_cache_bits(args: ModelArgs, bits: int | None):
+    """args.kv_cache_bits = bits, validated (left unchanged when refused)."""
+    old, args.kv_cache_bits = args.kv_cache_bits, bits or None
+    try:
+        args._validate()
+    except Exception:
+        args.kv_cache_bits = old
+        raise
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
@@ -132,7 +142,8 @@ class Model(nn.Module):
     def make_cache(self, mtp: bool = False) -> list[DSACache]:
         """One cache per decoder layer; with mtp=True a last entry for the MTP layer."""
         n = self.args.num_hidden_layers + (1 if mtp and self.has_mtp else 0)
-        return [DSACache(self.args.has_indexer(i), self.args.index_cache_bits) for i in range(n)]
+        a = self.args
+        return [DSACache(a.has_indexer(i), a.index_cache_bits, a.kv_cache_bits, a.kv_cache_group_size) for i in range(n)]
 
     def set_index_cache_bits(self, bits: int | None):
         """Switch the indexer key cache between the model dtype (None) and 8-bit; caches made
@@ -146,6 +157,11 @@ class Model(nn.Module):
         for layer in self.model.layers:
             if layer.self_attn.indexer is not None:
                 layer.self_attn.indexer.key_bits = bits
+
+    def set_kv_cache_bits(self, bits: int | None):
+        """Switch the latent KV cache between the model dtype (None) and 8- or 4-bit codes; caches
+        made afterwards follow (existing caches keep their format)."""
+        set_kv_cache_bits(self.args, bits)
 
     def cache_bytes_per_token(self, mtp: bool = False) -> int:
         """Analytic cache bytes per token in the model's activation dtype (checked against nbytes)."""

@@ -49,7 +49,7 @@ class PrefixCache:
     """Block prefix cache (see the module docstring).
 
     identity: names the weights (e.g. repo@revision + quantization); the store appends what else
-    decides the cache contents (MTP on/off, layer count, index cache bits, dtype). Blocks of
+    decides the cache contents (MTP on/off, layer count, index cache bits, KV cache bits, dtype). Blocks of
     another identity or block size are never served, nor touched on disk.
     memory_bytes: RAM tier bound (blocks waiting for the disk writer count too: when the disk
     lags, `save` waits for it rather than exceed the bound).
@@ -106,6 +106,9 @@ class PrefixCache:
         if args is not None:
             parts.append(f"layers={getattr(args, 'num_hidden_layers', '?')}")
             parts.append(f"index_cache_bits={getattr(args, 'index_cache_bits', None) or 0}")
+            kv_bits = getattr(args, "kv_cache_bits", None)
+            if kv_bits:  # (absent when off, so unquantized blocks saved before this option stay valid)
+                parts.append(f"kv_cache_bits={kv_bits}/g{args.kv_cache_group_size}")
         try:
             parts.append(f"dtype={str(model.model.norm.weight.dtype).rsplit('.', 1)[-1]}")
         except AttributeError:
@@ -317,9 +320,7 @@ class PrefixCache:
                 dt = blocks[0].raw.get(name)
                 state.append(mx.view(a, getattr(mx, dt)) if dt else a)
             c.state = state
-            bufs = [getattr(getattr(c, "_kv", None), "data", None)]
-            bufs += [getattr(b, "data", None) for b in getattr(c, "_index", [])]
-            mx.eval([x for x in bufs if x is not None] or c.state)  # one layer at a time: small peak
+            mx.eval(c.buffers() or c.state)  # one layer at a time: small peak
 
         for c, names in zip(pc.cache, self._names):
             load(c, names)

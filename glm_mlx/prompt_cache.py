@@ -98,7 +98,8 @@ class PromptCache:
             arrays["pending"] = self.pending
         meta = {"tokens": json.dumps(self.tokens), "layers": str(len(self.cache)),
                 "mtp": str(int(self.mtp_cache is not None)),
-                "indexer": json.dumps([c.has_indexer for c in self.all_caches()]), "extra": json.dumps(extra or {})}
+                "indexer": json.dumps([c.has_indexer for c in self.all_caches()]), "extra": json.dumps(extra or {}),
+                "kv_bits": str(self.cache[0].kv_bits or 0) if self.cache else "0"}
         tmp = path.with_name(path.name + ".tmp.safetensors")
         mx.save_safetensors(str(tmp), arrays, metadata=meta)
         atomic.replace(tmp, path)
@@ -106,19 +107,29 @@ class PromptCache:
     @classmethod
     def load(cls, path: str | Path, model, mtp: bool) -> "PromptCache":
         try:
-            arrays, meta = mx.load(str(path), return_metadata=True)
+            arrays, meta = mx.load(str(path), format="safetensors", return_metadata=True)  # any file name
         except Exception as e:  # noqa: BLE001 - mx.load raises bare errors on bad files
             raise PromptCacheError(f"cannot read prompt cache {path}: {str(e).splitlines()[0]}") from None
         pc = cls.fresh(model, mtp=mtp)
         if int(meta.get("layers", -1)) != len(pc.cache):
             raise PromptCacheError(f"prompt cache {path} has {meta.get('layers')} layers, the model {len(pc.cache)}")
+        want = (pc.cache[0].kv_bits or 0) if pc.cache else 0
+        if int(meta.get("kv_bits", 0)) != want:
+            def name(b):
+                return f"a {b}-bit KV cache" if b else "an unquantized KV cache"
+
+            raise PromptCacheError(f"prompt cache {path} holds {name(int(meta.get('kv_bits', 0)))}, this model makes "
+                                   f"{name(want)} (--kv-bits)")
         pc.tokens = json.loads(meta["tokens"])
         if pc.mtp_cache is not None and meta.get("mtp") != "1":
             pc.mtp_cache = None  # saved without MTP: continue without it would desync; drop MTP here
         for i, c in enumerate(pc.all_caches()):
             state = [arrays[f"{i}.{j}"] for j in range(3 if c.has_indexer else 2) if f"{i}.{j}" in arrays]
             if state:
-                c.state = state
+                try:
+                    c.state = state
+                except ValueError as e:
+                    raise PromptCacheError(f"prompt cache {path}: {e}") from None
         pc.pending = arrays.get("pending")
         pc.extra = json.loads(meta.get("extra", "{}"))
         return pc

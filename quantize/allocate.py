@@ -135,14 +135,16 @@ def allocate(args: ModelArgs, budget_bytes: float, mtp: bool = True, ladder=LADD
         return min((((err[i][j] - err[i][a]) / (cost[i][a] - cost[i][j]), -edge[i], j)
                     for j in range(a + 1, len(ladder)) if cost[i][j] < cost[i][a]), default=None)
 
+    moves = [down(i) for i in range(len(gs))]  # a group's best move changes only when the group moves
     while total > budget_bytes:
-        moves = [(m, i) for i in range(len(gs)) if (m := down(i))]
-        if not moves:
+        best = min(((m, i) for i, m in enumerate(moves) if m), default=None)
+        if best is None:
             raise BudgetError(f"the weights need at least {total / 1e9:.1f} GB even at {ladder[-1].name}; "
                               f"the budget is {budget_bytes / 1e9:.1f} GB")
-        (_, _, j), i = min(moves)
+        (_, _, j), i = best
         total -= cost[i][level[i]] - cost[i][j]
         level[i] = j
+        moves[i] = down(i)
     while True:  # spend the slack: most error removed per byte spent, edge layers first
         ups = [((err[i][level[i]] - err[i][j]) / max(cost[i][j] - cost[i][level[i]], 1), -edge[i], -j, i)
                for i in range(len(gs)) for j in range(level[i])

@@ -1,5 +1,6 @@
 """Streaming converter: an HF checkpoint folder (BF16/FP32, or FP8 with `weight_scale_inv`) -> an MLX
-folder that glm_mlx and mlx-lm load, without ever holding more than a block of one tensor.
+folder that glm_mlx and mlx-lm load, without ever holding more than a block of one tensor. An MLX-quantized
+folder is a source too, for an unquantized recipe only (`convert --dequantize`; source.MlxSource).
 
 Everything is planned from config.json + recipe before a byte is written: the output tensors are the
 inventory (the model's own names: stacked experts, kv_b_proj split into embed_q / unembed_out), each
@@ -38,11 +39,12 @@ from .planner import price
 from .quantizer import quantize
 from .recipe import Recipe, quantization_config, resolve
 from .progress import Bars, fmt_bytes, free_bytes
-from .source import MX_NAME, Source, ShardWriter, layout, read_header
+from .source import MX_NAME, Source, ShardWriter, layout, open_source, read_header
 
 SHARD_SIZE = 5 * 10**9
 BLOCK_ELEMS = 1 << 22  # elements per quantized block of rows (~16 MB of float32)
 _DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+DTYPES = tuple(_DTYPES)  # what --dtype takes: the dtype of every weight stored unquantized
 _IGNORED = ("_scale_inv", ".input_scale", "rotary_emb.inv_freq")
 
 
@@ -108,8 +110,24 @@ def _entry_bound(array) -> int:
     return len(json.dumps({name: {"dtype": dtype, "shape": list(shape), "data_offsets": [10**12, 10**12]}}))
 
 
-def make_plan(args: ModelArgs, recipe: Recipe, mtp: bool, shard_size: int = SHARD_SIZE) -> Plan:
-    dtype = _DTYPES.get(str(args.extra.get("dtype") or args.extra.get("torch_dtype") or "bfloat16"), mx.bfloat16)
+def config_dtype(config: dict) -> str:
+    """The model dtype a config names (what unquantized weights are stored as); bfloat16 when unknown."""
+    name = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16").replace("torch.", "")
+    return name if name in _DTYPES else "bfloat16"
+
+
+def with_dtype(config: dict, dtype: str | None) -> dict:
+    """`config` with its model dtype set to `dtype` (None: unchanged)."""
+    if dtype is None:
+        return config
+    if dtype not in _DTYPES:
+        raise ConvertError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    return {**config, "dtype": dtype, **({"torch_dtype": dtype} if "torch_dtype" in config else {})}
+
+
+def make_plan(args: ModelArgs, recipe: Recipe, mtp: bool, shard_size: int = SHARD_SIZE, mlx_layout: bool = False) -> Plan:
+    """`mlx_layout`: the source already has the output's tensor names and shapes (an MLX checkpoint)."""
+    dtype = _DTYPES[config_dtype(args.extra)]
     tensors = inventory(args, mtp)
     res = resolve(args, recipe, mtp, tensors)
     items = []
@@ -122,7 +140,7 @@ def make_plan(args: ModelArgs, recipe: Recipe, mtp: bool, shard_size: int = SHAR
             fmt = None
             name = "F32" if t.dtype_bytes == 4 else MX_NAME[dtype]
             arrays = [(t.name, name, t.shape, t.numel * t.dtype_bytes)]
-        items.append(Item(t, fmt, arrays, source_names(args, t)))
+        items.append(Item(t, fmt, arrays, [t.name] if mlx_layout else source_names(args, t)))
     groups, cur, size = [], [], 64  # 64: the header's length prefix, metadata and padding
     for it in items:  # greedy, in inventory order: a tensor never spans two shards
         need = it.nbytes + sum(_entry_bound(a) for a in it.arrays)
@@ -183,6 +201,15 @@ def pieces(item: Item, source: Source, args: ModelArgs, importance: Importance |
     rows are counted over all leading dims (expert e's row r is row e * out + r)."""
     t = item.t
     imp = importance.get(t.module) if importance is not None else None
+    if source.mlx_layout:  # an MLX checkpoint (read dequantized): the same names and shapes, rows over leading dims
+        if len(t.shape) < 2:
+            yield 0, source.read(t.name), None
+            return
+        rows, width = math.prod(t.shape[:-1]), t.shape[-1]
+        step = max(1, block_elems // width)
+        for a in range(0, rows, step):
+            yield a, source.read(t.name, (a, min(rows, a + step))), None
+        return
     if t.name.endswith((".embed_q.weight", ".unembed_out.weight")):
         N, H, C = args.qk_nope_head_dim, args.num_attention_heads, args.kv_lora_rank
         w = source.read(item.sources[0]).reshape(H, N + args.v_head_dim, C)
@@ -241,6 +268,9 @@ def check_disk(dst: Path, todo: list[Shard], plan: Plan, extra: int = 0) -> None
 # --- finishing --------------------------------------------------------------------------------------------
 def write_metadata(src: Path, dst: Path, plan: Plan, fp: dict, importance: Importance | None) -> None:
     config = json.loads((src / "config.json").read_text())
+    dtype = next(k for k, v in _DTYPES.items() if v == plan.dtype)
+    if config_dtype(config) != dtype:  # --dtype: the config names what the weights now are
+        config = with_dtype(config, dtype)
     config.pop("quantization_config", None)  # the source's (e.g. FP8) scheme no longer applies
     config.pop("quantization", None)
     q = quantization_config(plan.args, plan.recipe, plan.mtp)
@@ -305,27 +335,32 @@ def importance_key(text: bytes, params: dict) -> str:
 
 def convert(src, dst, recipe: Recipe, *, importance: Importance | None = None, importance_id: str | None = None,
             method: str | None = None, shard_size: int = SHARD_SIZE, force: bool = False, progress: bool = False,
-            fetcher=None, block_elems: int = BLOCK_ELEMS) -> Result:
+            fetcher=None, block_elems: int = BLOCK_ELEMS, dtype: str | None = None) -> Result:
     """Convert the HF checkpoint folder `src` into the MLX folder `dst` under `recipe`.
 
     `importance` (quantize.imatrix) feeds the "iq" method; `importance_id` identifies it for resuming.
     `method` defaults to the recipe's. `fetcher` (quantize.stream) provides source shards on demand
     and deletes them once no later shard needs them. Re-running after an interruption resumes.
+    `dtype` (bfloat16, float16, float32) is what unquantized weights (and affine scales and biases) are
+    stored as; default: the source config's dtype. An MLX-quantized source is only written unquantized
+    (a recipe of bf16/f16/f32 formats: dequantizing); re-quantizing it would compound rounding errors.
     """
     dst = Path(dst).expanduser()
     if fetcher is None:  # (--stream's source lives in dst/.glm-mlx-source by design)
         check_paths(src, dst)
     recipe = dataclasses.replace(recipe, method=method or recipe.method)  # recipe.json records the rounding
     method = recipe.method
-    source = Source(Path(src)) if fetcher is None else fetcher.source
-    if source.config.get("quantization"):
+    source = open_source(Path(src)) if fetcher is None else fetcher.source
+    args = ModelArgs.from_dict(with_dtype(source.config, dtype))
+    plan = make_plan(args, recipe, mtp_in_source(args, source.weight_map), shard_size, mlx_layout=source.mlx_layout)
+    if source.mlx_layout and any(it.fmt is not None for s in plan.shards for it in s.items):
         raise ConvertError(f"{source.folder} is already an MLX-quantized checkpoint",
-                           "Convert from the original HF checkpoint (BF16 or FP8).")
-    args = ModelArgs.from_dict(source.config)
-    plan = make_plan(args, recipe, mtp_in_source(args, source.weight_map), shard_size)
+                           "Pass --dequantize to write it unquantized, or convert from the original HF checkpoint (BF16 or FP8).")
     check_source(source, plan)
     check_importance(plan, importance)
     fp = fingerprint(source, plan, method, importance_id, block_elems, fetcher.origin if fetcher else None)
+    if plan.dtype != _DTYPES[config_dtype(source.config)]:  # the same shards in another dtype: other bytes
+        fp["dtype"] = config_dtype(args.extra)
     todo, files = prepare_output(dst, fp, plan, output_files(plan, source, importance), force)
     check_disk(dst, todo, plan, fetcher.peak_bytes(todo) if fetcher else 0)
     write_plan(dst, fp, files)  # before any output file exists: it names them all as ours
@@ -359,7 +394,5 @@ def convert(src, dst, recipe: Recipe, *, importance: Importance | None = None, i
 
 
 def shard_sources(shard: Shard, source: Source) -> set[str]:
-    """The source files an output shard reads (FP8 scales included)."""
-    names = {n for it in shard.items for n in it.sources}
-    names |= {n + "_scale_inv" for n in names if n + "_scale_inv" in source.weight_map}
-    return {source.weight_map[n] for n in names}
+    """The source files an output shard reads (FP8 scales, MLX scales and biases included)."""
+    return set().union(*(source.files_for(n) for it in shard.items for n in it.sources))

@@ -177,6 +177,7 @@ class Plan:
     decode_tok_s_1k: float
     prefill_tok_s_1k: float
     assumptions: list[str] = field(default_factory=list)
+    kv_bits: int | None = None  # the latent KV cache's quantization (ModelArgs.kv_cache_bits); None: model dtype
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -201,7 +202,7 @@ def plan(args: ModelArgs, recipe: Recipe, mac: Mac, context: int | None = None, 
 
     ws = working_set(args, context, mtp, prefill_chunk)
     total = total_at(context)
-    default, top = mac.default_wired_limit, mac.max_wired_limit
+    default, top = mac.wired_limit, mac.max_wired_limit  # the limit in force: raised on this Mac, else macOS's
     fits = "yes" if total <= default else "raise-wired-limit" if total <= top else "no"
     sysctl = None
     if fits == "raise-wired-limit":
@@ -227,7 +228,8 @@ def plan(args: ModelArgs, recipe: Recipe, mac: Mac, context: int | None = None, 
         decode_bytes_per_token=w.decode_bytes + kv_read_bytes(args, context, cache_dtype_bytes),
         decode_tok_s=decode(context), prefill_tok_s=prefill(context),
         decode_tok_s_1k=decode(1024), prefill_tok_s_1k=prefill(1024),
-        assumptions=assumptions(mac, cal, mtp, prefill_chunk),
+        assumptions=assumptions(mac, cal, mtp, prefill_chunk) + kv_cache_assumptions(args),
+        kv_bits=args.kv_cache_bits,
     )
 
 
@@ -250,7 +252,9 @@ def max_context(total_at, limit: int, args: ModelArgs) -> int:
 def assumptions(mac: Mac, cal: dict, mtp: bool, chunk: int) -> list[str]:
     return [
         f"Default GPU wired limit {mac.default_wired_limit / GiB:.1f} GiB (macOS's recommendedMaxWorkingSetSize by RAM "
-        f"size); raising it leaves {mac.os_reserve / GiB:.0f} GiB to macOS and other apps.",
+        f"size); raising it leaves {mac.os_reserve / GiB:.0f} GiB to macOS and other apps."
+        + (f" This Mac's limit is raised to {mac.wired_limit / GiB:.1f} GiB (iogpu.wired_limit_mb={mac.wired_limit_mb})."
+           if mac.wired_limit_mb else ""),
         "Weights priced exactly as MLX stores them; routed experts read at num_experts_per_tok / n_routed per token.",
         f"Prefill in {chunk}-token chunks (logits for the last position only); DSA attends min(context, index_topk) keys "
         "per query; the indexer scores the whole context for a few queries at a time.",
@@ -262,12 +266,19 @@ def assumptions(mac: Mac, cal: dict, mtp: bool, chunk: int) -> list[str]:
     ]
 
 
+def kv_cache_assumptions(args: ModelArgs) -> list[str]:
+    if not args.kv_cache_bits:
+        return []
+    return [f"KV cache latents stored as {args.kv_cache_bits}-bit codes with a scale and bias per "
+            f"{args.kv_cache_group_size} values (--kv-bits {args.kv_cache_bits}); rope and indexer keys as without it."]
+
+
 # --- solve: the best recipe for a Mac ------------------------------------------------------------
 def weights_budget(args: ModelArgs, mac: Mac, context: int, mtp: bool = True, cache_dtype_bytes: int = 2,
                    prefill_chunk: int = 2048, within_default_limit: bool = False) -> int:
     """Bytes left for weights once the KV cache and working set at `context` are wired."""
     mtp = mtp and bool(args.num_nextn_predict_layers)
-    limit = mac.default_wired_limit if within_default_limit else mac.max_wired_limit
+    limit = mac.wired_limit if within_default_limit else mac.max_wired_limit
     ws = working_set_bytes(working_set(args, context, mtp, prefill_chunk))
     return limit - args.cache_bytes_per_token(cache_dtype_bytes, mtp) * cache_tokens(context) - ws
 
@@ -281,7 +292,8 @@ def best_recipe_for(args: ModelArgs, mac: Mac, context: int | None = None, mtp: 
     budget = weights_budget(args, mac, context, mtp, cache_dtype_bytes, prefill_chunk, within_default_limit)
     where = f"{mac.name} at {context:,} tokens"
     candidates = [Recipe.uniform(f, f"uniform {f.name} for {where}") for f in LADDER]
-    candidates = [r for r in candidates if price(args, r, mtp).total <= budget][:1]
+    first = next((r for r in candidates if price(args, r, mtp).total <= budget), None)  # priced until one fits
+    candidates = [first] if first else []
     try:
         candidates.append(allocate(args, budget, mtp, name=f"mixed for {where}"))
     except BudgetError:

@@ -86,6 +86,8 @@ def header_digest(path: Path) -> str:
 class Source:
     """An HF checkpoint folder (index or *.safetensors); headers are read when a shard is first used."""
 
+    mlx_layout = False  # True: tensors have the converter's output names and shapes (MlxSource)
+
     def __init__(self, folder: Path, weight_map: dict[str, str] | None = None):
         self.folder = Path(folder)
         self.config = read_config(self.folder)
@@ -117,6 +119,10 @@ class Source:
     def forget(self, file: str) -> None:
         self._headers.pop(file, None)
 
+    def files_for(self, name: str) -> set[str]:
+        """The files that reading tensor `name` opens (an FP8 weight's scales included)."""
+        return {self.weight_map[n] for n in (name, name + "_scale_inv") if n in self.weight_map}
+
     def read(self, name: str, rows: tuple[int, int] | None = None) -> mx.array:
         """float32 rows [a, b) of a tensor (all of it when rows is None), FP8 dequantized."""
         e = self.entry(name)
@@ -140,6 +146,103 @@ class Source:
                 raise ValueError("FP8 row blocks must start at a multiple of 128")
             return dequantize_fp8(arr, scale[a // FP8_BLOCK: -(-b // FP8_BLOCK)])
         return arr.astype(mx.float32)
+
+
+class MlxSource(Source):
+    """An MLX-quantized checkpoint (config.json "quantization", as glm-mlx convert and mlx-lm write it), read
+    dequantized: its tensors already have the output's names and shapes (stacked experts, embed_q /
+    unembed_out), and `read` returns float32 rows of a quantized weight through `mx.dequantize`.
+
+    `weight_map` lists the logical tensors (X.weight, not X.scales / X.biases); rows are counted over all
+    leading dims (expert e's row r of a [E, out, in] weight is row e * out + r)."""
+
+    mlx_layout = True
+
+    def __init__(self, folder: Path, weight_map: dict[str, str] | None = None):
+        super().__init__(folder, weight_map)
+        self.raw_map = self.weight_map
+        self.quantization = self.config.get("quantization") or {}
+        self.quantized = {k.rsplit(".", 1)[0] for k in self.raw_map
+                          if k.endswith(".scales") and k.rsplit(".", 1)[0] + ".weight" in self.raw_map}
+        self.weight_map = {k: v for k, v in self.raw_map.items()
+                           if not (k.endswith((".scales", ".biases")) and k.rsplit(".", 1)[0] in self.quantized)}
+
+    def files(self) -> list[str]:
+        return sorted(set(self.raw_map.values()))
+
+    def entry(self, name: str) -> Entry:
+        if name not in self.raw_map:
+            raise CheckpointError(f"missing tensor {name} in {self.folder}", "The checkpoint does not match its config.json.")
+        entries = self.header(self.raw_map[name])
+        if name not in entries:
+            raise CheckpointError(f"tensor {name} is not in {self.raw_map[name]} as the index says",
+                                  "Re-download the checkpoint: its index and shards disagree.")
+        return entries[name]
+
+    def files_for(self, name: str) -> set[str]:
+        module = name.rsplit(".", 1)[0]
+        names = [name] + ([module + ".scales", module + ".biases"] if module in self.quantized else [])
+        return {self.raw_map[n] for n in names if n in self.raw_map}
+
+    def _rows(self, name: str, rows: tuple[int, int] | None) -> mx.array:
+        """Rows [a, b) over all leading dims, [b - a, last dim], in the stored dtype (all of it, shaped, if None)."""
+        e = self.entry(name)
+        width = e.shape[-1] if e.shape else 1
+        a, b = rows or (0, int(np.prod(e.shape[:-1], dtype=np.int64)) if len(e.shape) > 1 else 1)
+        np_dtype, esize = RAW[e.dtype]
+        with open(self.folder / e.file, "rb") as f:
+            f.seek(e.start + a * width * esize)
+            raw = np.fromfile(f, dtype=np_dtype, count=(b - a) * width)
+        if raw.size != (b - a) * width:
+            raise CheckpointError(f"corrupt shard {e.file}: tensor {name} is cut short", "Delete the shard and download it again.")
+        arr = mx.array(raw).reshape(e.shape if rows is None else (b - a, width))
+        return arr.view(mx.bfloat16) if e.dtype == "BF16" else arr
+
+    def format_of(self, module: str):
+        """(mode, bits, group size) of a quantized module: its own entry in config "quantization", else the
+        global one; checked against the shapes of its packed weight and scales."""
+        from .formats import FormatError, make_format
+
+        entry = self.quantization.get(module)
+        entry = entry if isinstance(entry, dict) else self.quantization
+        try:
+            fmt = make_format(entry.get("mode", "affine"), entry.get("bits"), entry.get("group_size"))
+        except FormatError as err:
+            raise CheckpointError(f"config.json quantization of {module}: {err}",
+                                  "The checkpoint's config.json does not describe its weights.") from None
+        words, groups = self.entry(module + ".weight").shape[-1], self.entry(module + ".scales").shape[-1]
+        if words * 32 != groups * fmt.group_size * fmt.bits or (fmt.mode == "affine") != (module + ".biases" in self.raw_map):
+            raise CheckpointError(f"{module} is stored as {words} packed words and {groups} scales per row, which is not "
+                                  f"{fmt.name} as config.json says", "The checkpoint's config.json does not describe its weights.")
+        return fmt
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> mx.array:
+        """float32 rows [a, b) (over all leading dims) of a tensor, dequantized; all of it, shaped, if None."""
+        module = name.rsplit(".", 1)[0]
+        if not (name.endswith(".weight") and module in self.quantized):
+            return self._rows(name, rows).astype(mx.float32)
+        fmt = self.format_of(module)
+        w, scales = self._rows(name, rows), self._rows(module + ".scales", rows)
+        biases = None
+        if fmt.mode == "affine":  # in float32, rounded once to the output dtype: what a float32 model computes with
+            scales, biases = scales.astype(mx.float32), self._rows(module + ".biases", rows).astype(mx.float32)
+        out = mx.dequantize(w, scales, biases, group_size=fmt.group_size, bits=fmt.bits, mode=fmt.mode)
+        return out.astype(mx.float32)
+
+
+def quantization_kind(config: dict) -> str | None:
+    """How a checkpoint's weights are quantized: "mlx" (config "quantization"), "fp8" (HF quantization_config
+    with quant_method fp8), another quant_method's name, or None (not quantized)."""
+    if config.get("quantization"):
+        return "mlx"
+    qc = config.get("quantization_config")
+    return str(qc.get("quant_method") or "unknown") if isinstance(qc, dict) else None
+
+
+def open_source(folder: Path, weight_map: dict[str, str] | None = None) -> Source:
+    """A checkpoint folder as a Source: an MLX-quantized one dequantizes as it reads (MlxSource)."""
+    cls = MlxSource if quantization_kind(read_config(Path(folder))) == "mlx" else Source
+    return cls(Path(folder), weight_map)
 
 
 def source_weight_map(folder: Path) -> dict[str, str]:

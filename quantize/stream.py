@@ -17,7 +17,7 @@ from glm_mlx import hub
 from glm_mlx.loading import INDEX_FILE
 
 from .converter import TOKENIZER_FILES, ConvertError, Shard, fmt_bytes, shard_sources
-from .source import Source
+from .source import open_source
 
 SOURCE_DIR = ".glm-mlx-source"  # inside the output folder; removed when the conversion finishes
 
@@ -40,9 +40,9 @@ class HubFetcher:
             raise ConvertError(f"{repo_id} has no *.safetensors weights", "Only safetensors checkpoints can be converted.")
         # Without an index the tensor names are only in the shards' headers: fetch them all up front.
         self._download(small if INDEX_FILE in self.sizes else small + weights)
-        self.source = Source(self.folder)
+        self.source = open_source(self.folder)  # an MLX-quantized repo reads dequantized (--dequantize)
         self.origin = {"repo": repo_id, "commit": self.commit,
-                       "files": {f: self.sizes[f] for f in sorted(set(self.source.weight_map.values()))}}
+                       "files": {f: self.sizes[f] for f in self.source.files()}}
 
     def _download(self, files: list[str], log=None) -> None:
         todo = [f for f in files if not ((self.folder / f).is_file() and (self.folder / f).stat().st_size == self.sizes[f])]

@@ -14,6 +14,14 @@ like a CDN node failing mid-transfer, until `cut_clear()`; other files are still
 the disk does not depend on thread timing. `cut(..., stall=True)` instead holds the transfer there until
 `cut_clear()` (time for a test to press Ctrl-C).
 
+Uploads (what HfApi.create_repo + upload_folder send when hf_xet is off, as the `hub` fixture sets it):
+- POST /api/repos/create                       {"name", "organization"} -> {"url"}; 409 if it exists
+- POST /api/models/{repo}/preupload/{rev}      answers uploadMode "regular" for every file (so no LFS transfer),
+  with the oid (git blob sha1) of a file already there, which the client then skips as unchanged
+- POST /api/models/{repo}/commit/{rev}         ndjson: a header line, then {"key": "file", "value": {"path",
+  "content" (base64)}} per file (and deletedFile); the repo gets a new commit, served like any other repo
+`commits` records each commit as (repo, summary, {path: bytes}).
+
 Hostile repos, for path-safety tests: `add_repo` takes any file names (`../x.safetensors`, `/abs/x.safetensors`,
 `a\\b.safetensors`) and lists and serves them as given; a client that folds `..` out of the URL still gets the file.
 Setting `FakeFile.linked_etag` makes `/resolve/` answer that X-Linked-Etag (e.g. `../../..`) instead of the sha256.
@@ -21,6 +29,7 @@ Setting `FakeFile.linked_etag` makes `/resolve/` answer that X-Linked-Etag (e.g.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -61,6 +70,7 @@ class Request:
     path: str  # decoded, without the query
     range: str | None
     status: int = 0
+    auth: str | None = None  # the Authorization header, if any
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -109,6 +119,7 @@ class HubServer:
         self.stall = False
         self.stalled = threading.Event()  # set once a stalled transfer waits
         self.down: set[str] = set()  # file paths answering 503
+        self.commits: list[tuple[str, str, dict[str, bytes]]] = []  # uploads: (repo, summary, files added)
         self._release = threading.Event()
         self._lock = threading.Lock()
         self._hub = _QuietServer(_handler_for(self))
@@ -169,10 +180,59 @@ def _handler_for(server: HubServer):
         def do_GET(self):
             self._route(head=False)
 
+        def do_POST(self):
+            path = unquote(urlsplit(self.path).path)
+            self.record = Request(self.command, path, None, auth=self.headers.get("Authorization"))
+            with server._lock:
+                server.requests.append(self.record)
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if path == "/api/repos/create":
+                return self._create(json.loads(body))
+            parts = path.removeprefix("/api/models/").split("/")
+            if path.startswith("/api/models/") and len(parts) >= 4 and parts[2] in ("preupload", "commit"):
+                repo_id, action, rev = "/".join(parts[:2]), parts[2], "/".join(parts[3:])
+                repo = self._repo(repo_id, rev)
+                if repo:
+                    (self._preupload if action == "preupload" else self._commit)(repo_id, repo, body)
+                return
+            self._error(404, None, "unknown api route")
+
+        def _create(self, payload: dict):
+            repo_id = "/".join(p for p in (payload.get("organization"), payload["name"]) if p)
+            url = {"url": f"{server.url}/{repo_id}", "name": repo_id, "id": repo_id}
+            if repo_id in server.repos:  # the Hub's 409 names the repo too: create_repo(exist_ok=True) reads its url
+                body = json.dumps({"error": "You already created this model repo", **url}).encode()
+                return self._send(409, body, {"Content-Type": "application/json"})
+            server.add_repo(repo_id, {})
+            self._json(url)
+
+        def _preupload(self, repo_id: str, repo: FakeRepo, body: bytes):
+            files = json.loads(body)["files"]
+            self._json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
+                                   "oid": repo.files[f["path"]].blob_id if f["path"] in repo.files else None}
+                                  for f in files]})
+
+        def _commit(self, repo_id: str, repo: FakeRepo, body: bytes):
+            lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+            header = next((ln["value"] for ln in lines if ln["key"] == "header"), {})
+            files = {path: f.data for path, f in repo.files.items()}
+            added = {}
+            for ln in lines:
+                value = ln["value"]
+                if ln["key"] == "file" and value.get("encoding") == "base64":
+                    added[value["path"]] = base64.b64decode(value["content"])
+                elif ln["key"] == "deletedFile":
+                    files.pop(value["path"], None)
+                elif ln["key"] != "header":  # lfsFile: preupload said "regular" for every file
+                    return self._error(400, None, f"unexpected commit operation {ln['key']}")
+            new = server.add_repo(repo_id, {**files, **added}, gated=repo.gated)
+            server.commits.append((repo_id, header.get("summary", ""), added))
+            self._json({"commitUrl": f"{server.url}/{repo_id}/commit/{new.commit}", "commitOid": new.commit})
+
         def _route(self, head: bool):
             url = urlsplit(self.path)
             path, query = unquote(url.path), parse_qs(url.query)
-            self.record = Request(self.command, path, self.headers.get("Range"))
+            self.record = Request(self.command, path, self.headers.get("Range"), auth=self.headers.get("Authorization"))
             with server._lock:
                 server.requests.append(self.record)
             if self.server is server._cdn:

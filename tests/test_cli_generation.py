@@ -50,7 +50,7 @@ def test_wrong_model_type(ckpt, tmp_path):
 
 
 def test_bench_json(ckpt):
-    r = runner.invoke(app, ["bench", str(ckpt), "-p", "32", "-g", "16", "--json"])
+    r = runner.invoke(app, ["bench", str(ckpt), "--prompt-tokens", "32", "-g", "16", "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["gen_tokens"] == 16 and out["prompt_tps"] > 0 and out["mtp"] is True

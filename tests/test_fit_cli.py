@@ -81,7 +81,7 @@ def test_converted_checkpoint_is_priced_from_its_quantization(tmp_path):
     (["--model", "/nonexistent/glm-folder"], "no model folder or config file"),
     (["--bits", "4", "--solve"], "each choose the recipe"),
     (["--bits", "7"], "affine bits must be one of"),
-    (["--target-size", "lots"], "cannot read size"),
+    (["--target-size", "lots"], "--target-size must be a size like"),
 ])
 def test_errors_are_one_message_and_a_hint(argv, needle):
     r = fit(*argv)

@@ -188,8 +188,10 @@ def test_max_context_is_solved_exactly(glm, tiny):
     n = plan(glm, r, mac).max_context
     assert 2049 < n < 202_752  # in the linear regime
     assert plan(glm, r, mac, context=n).total_bytes <= mac.max_wired_limit < plan(glm, r, mac, context=n + 1).total_bytes
-    # below the knee (bisection): a Mac whose raised limit (RAM - 4 GiB) holds ~1000 tiny tokens
-    small = custom_mac((plan(tiny, r, mac, context=1000).total_bytes + 4 * GiB) / GiB, 100)
+    # below the knee (bisection): a Mac so small that its limit is macOS's default (2/3 of RAM: the
+    # 4 GiB OS reserve would leave less), sized to hold ~1000 tiny tokens
+    small = custom_mac(1.5 * plan(tiny, r, mac, context=1000).total_bytes / GiB, 100)
+    assert small.max_wired_limit == small.default_wired_limit
     m = plan(tiny, r, small).max_context
     assert 1 <= m < 2049
     assert plan(tiny, r, small, context=m).total_bytes <= small.max_wired_limit < plan(tiny, r, small, context=m + 1).total_bytes
