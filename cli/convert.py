@@ -175,6 +175,7 @@ def convert(
     from glm_mlx.config import ModelArgs
     from glm_mlx.loading import resolve_path
     from glm_mlx.quantize import converter
+    from glm_mlx.quantize.output_dir import refuse_foreign
     from glm_mlx.quantize.formats import unquantized
     from glm_mlx.quantize.macs import parse_size
     from glm_mlx.quantize.progress import fmt_bytes
@@ -215,6 +216,8 @@ def convert(
     else:
         source = open_source(resolve_path(src))
         converter.check_paths(source.folder, dst)  # before calibration caches anything in dst
+        if calibration is not None:
+            refuse_foreign(dst)  # calibration writes its cache into dst: someone else's folder is refused first
     kind = quantization_kind(source.config)
     if dequantize and kind not in ("mlx", "fp8"):
         raise GlmMlxError(f"{src} is not quantized: there is nothing to dequantize" if kind is None else

@@ -171,18 +171,40 @@ def write_plan(dst: Path, fp: dict, files) -> None:
     atomic.write_json(dst / WORK / PLAN, {"fingerprint": fp, "files": sorted(files)}, indent=1)
 
 
-def prepare_output(dst: Path, fp: dict, plan: Plan, outputs: list[str], force: bool) -> tuple[list[Shard], list[str]]:
-    """Check dst, remove (with force) our earlier conversion there; return (the shards still to write, the
-    files to record as ours). Nothing is deleted or written before every check has passed."""
+def _records(dst: Path):
+    """(our manifest or None, our work plan or None, the files they own, dst's names, the foreign ones)."""
     if dst.exists() and not dst.is_dir():
         raise ConvertError(f"the output {dst} is a file", "Choose a folder.")
     manifest = _read(dst / MANIFEST)
     if not (isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT):
         manifest = None  # someone else's manifest.json is foreign like any other file
     work = (_read(dst / WORK / PLAN) or {}) if (dst / WORK / PLAN).exists() else None  # {}: unreadable, owns nothing
+    owned = owned_files(manifest) | owned_files(work)
+    names = sorted(p.name for p in dst.iterdir()) if dst.exists() else []
+    foreign = [n for n in names if not n.startswith(".glm-mlx") and n not in _NOT_FILES and not _ours(n, owned)]
+    return manifest, work, owned, names, foreign
+
+
+def _refuse_unrecorded(dst: Path, foreign: list[str], owned: set[str]) -> None:
+    if foreign and not owned:
+        raise ConvertError(f"{dst} is not empty: it holds {foreign[0]}, which no glm-mlx conversion wrote",
+                           "Choose a new or empty folder: --force only replaces what an earlier glm-mlx conversion wrote there.")
+
+
+def refuse_foreign(dst: Path) -> None:
+    """Refuse a file, or a folder holding files and no glm-mlx record, before anything (e.g. a calibration
+    cache) is written into it. (A folder with our records is checked in full by prepare_output.)"""
+    manifest, work, owned, _, foreign = _records(dst)
+    if manifest is None and work is None:
+        _refuse_unrecorded(dst, foreign, owned)
+
+
+def prepare_output(dst: Path, fp: dict, plan: Plan, outputs: list[str], force: bool) -> tuple[list[Shard], list[str]]:
+    """Check dst, remove (with force) our earlier conversion there; return (the shards still to write, the
+    files to record as ours). Nothing is deleted or written before every check has passed."""
+    manifest, work, owned, names, foreign = _records(dst)
     if manifest is not None and not force:
         raise ConvertError(f"{dst} already holds a finished conversion", "Pass --force to overwrite it, or choose another folder.")
-    owned = owned_files(manifest) | owned_files(work)
     old_fp = (work.get("fingerprint") or (work if work.get("version") == 1 else None)) if isinstance(work, dict) else None
     resume = manifest is None and work is not None and old_fp == fp and not force
     if work is not None and not resume and not force and (old_fp is None or any((dst / n).exists() for n in owned)):
@@ -193,11 +215,7 @@ def prepare_output(dst: Path, fp: dict, plan: Plan, outputs: list[str], force: b
                                "(it removes only this conversion's files).")
         raise ConvertError(f"{dst} holds an unfinished conversion started with other arguments (or another source)",
                            "Re-run it with the same arguments to resume, or pass --force to start over.")
-    names = sorted(p.name for p in dst.iterdir()) if dst.exists() else []
-    foreign = [n for n in names if not n.startswith(".glm-mlx") and n not in _NOT_FILES and not _ours(n, owned)]
-    if foreign and not owned:
-        raise ConvertError(f"{dst} is not empty: it holds {foreign[0]}, which no glm-mlx conversion wrote",
-                           "Choose a new or empty folder: --force only replaces what an earlier glm-mlx conversion wrote there.")
+    _refuse_unrecorded(dst, foreign, owned)
     for n in foreign:
         if n in outputs or n.endswith(".safetensors"):
             what = "this conversion would overwrite it" if n in outputs else "loaders would read it beside the new shards"

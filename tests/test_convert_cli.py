@@ -168,3 +168,9 @@ def test_force_does_not_overwrite_someone_elses_folder(src, tmp_path):
     assert_clean_error(run("convert", src, theirs, "--bits", "4", "--force", ok=False),
                        "holds config.json, which no glm-mlx conversion wrote", "--force only replaces")
     assert tree_bytes(theirs) == before
+    # With --calibration too: refused before the calibration pass could leave its cache in their folder.
+    text = tmp_path / "calib.txt"
+    text.write_text("Some calibration text for the importance pass. " * 20)
+    assert_clean_error(run("convert", src, theirs, "--bits", "4", "--calibration", text, "--force", ok=False),
+                       "holds config.json, which no glm-mlx conversion wrote")
+    assert sorted(p.name for p in theirs.iterdir()) == ["config.json", "model-00001-of-00002.safetensors"]
