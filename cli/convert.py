@@ -172,7 +172,7 @@ def convert(
 
     Example: glm-mlx convert ./GLM-5.1 ./GLM-5.1-4bit -q --upload-repo me/GLM-5.1-4bit
     """
-    from glm_mlx.config import ModelArgs
+    from glm_mlx.config import ModelArgs, config_dtype
     from glm_mlx.loading import resolve_path
     from glm_mlx.quantize import converter
     from glm_mlx.quantize.output_dir import refuse_foreign
@@ -233,7 +233,7 @@ def convert(
     if calibration is not None:
         importance, imp_id = _importance(calibration, source.folder, dst, stream, calibration_tokens, force)
     if dequantize:
-        out_dtype = converter.config_dtype(args.extra)
+        out_dtype = config_dtype(args.extra)
         recipe = Recipe.uniform(unquantized(out_dtype), name=f"dequantized to {out_dtype}")
     else:
         recipe = _choose_recipe(args, mtp, importance, recipe_file, bits, mode, group_size, target_size, fit, context,

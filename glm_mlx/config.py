@@ -15,6 +15,13 @@ from typing import Any
 
 from .errors import ConfigError
 
+
+def config_dtype(config: dict) -> str:
+    """The model dtype a config.json names ("dtype", or the older "torch_dtype"): "bfloat16", "float16"
+    or "float32"; bfloat16 when it names none of them."""
+    name = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16").replace("torch.", "")
+    return name if name in ("bfloat16", "float16", "float32") else "bfloat16"
+
 MODEL_TYPE = "glm_moe_dsa"
 # mlx-lm's initialize_rope understands these; anything else is refused up front.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "deepseek_yarn", "llama3")

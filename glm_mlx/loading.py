@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ModelArgs
+from .config import ModelArgs, config_dtype
 from .errors import CheckpointError, ConfigError
 from .model import Model
 
@@ -115,8 +115,7 @@ def _cpu_needs_float32(model: Model) -> bool:
 def _target_dtype(config: dict, dtype):
     if dtype is not None:
         return dtype
-    name = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16").replace("torch.", "")
-    return {"float32": mx.float32, "float16": mx.float16}.get(name, mx.bfloat16)
+    return {"float32": mx.float32, "float16": mx.float16}.get(config_dtype(config), mx.bfloat16)
 
 
 def load_model(path, *, lazy: bool = False, dtype=None, mtp: bool = True, keep=None, prune=None) -> Model:

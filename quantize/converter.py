@@ -27,7 +27,7 @@ import mlx.core as mx
 
 from glm_mlx import atomic
 from glm_mlx.disk import check_writable
-from glm_mlx.config import ModelArgs
+from glm_mlx.config import ModelArgs, config_dtype
 from glm_mlx.loading import INDEX_FILE
 
 from .formats import Format
@@ -108,12 +108,6 @@ def _entry_bound(array) -> int:
     """Most header bytes one array's entry takes (offsets counted at 13 digits): files stay <= shard_size."""
     name, dtype, shape, _ = array
     return len(json.dumps({name: {"dtype": dtype, "shape": list(shape), "data_offsets": [10**12, 10**12]}}))
-
-
-def config_dtype(config: dict) -> str:
-    """The model dtype a config names (what unquantized weights are stored as); bfloat16 when unknown."""
-    name = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16").replace("torch.", "")
-    return name if name in _DTYPES else "bfloat16"
 
 
 def with_dtype(config: dict, dtype: str | None) -> dict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from glm_mlx.config import ModelArgs
+from glm_mlx.config import ModelArgs, config_dtype
 from glm_mlx.loading import read_config
 
 from .formats import unquantized
@@ -28,7 +28,7 @@ def checkpoint_recipe(config: dict) -> Recipe:
     """What a checkpoint holds: its quantization dict, else every weight unquantized at its stored dtype."""
     if config.get("quantization"):
         return recipe_from_quantization(config["quantization"])
-    name = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16").replace("torch.", "")
+    name = config_dtype(config)
     return Recipe.uniform(unquantized({"float32": "f32", "float16": "f16"}.get(name, "bf16")), name=f"as stored ({name})")
 
 

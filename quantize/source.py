@@ -93,14 +93,15 @@ class Source:
         self.config = read_config(self.folder)
         if weight_map is None:
             weight_map = source_weight_map(self.folder)
-        self.weight_map = weight_map
+        self.weight_map = weight_map  # the tensors this source offers
+        self.file_map = weight_map  # every stored tensor -> its file (MlxSource: scales and biases too)
         self._headers: dict[str, dict[str, Entry]] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
     def files(self) -> list[str]:
-        return sorted(set(self.weight_map.values()))
+        return sorted(set(self.file_map.values()))
 
     def header(self, file: str) -> dict[str, Entry]:
         if file not in self._headers:
@@ -108,11 +109,11 @@ class Source:
         return self._headers[file]
 
     def entry(self, name: str) -> Entry:
-        if name not in self.weight_map:
+        if name not in self.file_map:
             raise CheckpointError(f"missing tensor {name} in {self.folder}", "The checkpoint does not match its config.json.")
-        entries = self.header(self.weight_map[name])
+        entries = self.header(self.file_map[name])
         if name not in entries:
-            raise CheckpointError(f"tensor {name} is not in {self.weight_map[name]} as the index says",
+            raise CheckpointError(f"tensor {name} is not in {self.file_map[name]} as the index says",
                                   "Re-download the checkpoint: its index and shards disagree.")
         return entries[name]
 
@@ -160,29 +161,16 @@ class MlxSource(Source):
 
     def __init__(self, folder: Path, weight_map: dict[str, str] | None = None):
         super().__init__(folder, weight_map)
-        self.raw_map = self.weight_map
         self.quantization = self.config.get("quantization") or {}
-        self.quantized = {k.rsplit(".", 1)[0] for k in self.raw_map
-                          if k.endswith(".scales") and k.rsplit(".", 1)[0] + ".weight" in self.raw_map}
-        self.weight_map = {k: v for k, v in self.raw_map.items()
+        self.quantized = {k.rsplit(".", 1)[0] for k in self.file_map
+                          if k.endswith(".scales") and k.rsplit(".", 1)[0] + ".weight" in self.file_map}
+        self.weight_map = {k: v for k, v in self.file_map.items()
                            if not (k.endswith((".scales", ".biases")) and k.rsplit(".", 1)[0] in self.quantized)}
-
-    def files(self) -> list[str]:
-        return sorted(set(self.raw_map.values()))
-
-    def entry(self, name: str) -> Entry:
-        if name not in self.raw_map:
-            raise CheckpointError(f"missing tensor {name} in {self.folder}", "The checkpoint does not match its config.json.")
-        entries = self.header(self.raw_map[name])
-        if name not in entries:
-            raise CheckpointError(f"tensor {name} is not in {self.raw_map[name]} as the index says",
-                                  "Re-download the checkpoint: its index and shards disagree.")
-        return entries[name]
 
     def files_for(self, name: str) -> set[str]:
         module = name.rsplit(".", 1)[0]
         names = [name] + ([module + ".scales", module + ".biases"] if module in self.quantized else [])
-        return {self.raw_map[n] for n in names if n in self.raw_map}
+        return {self.file_map[n] for n in names if n in self.file_map}
 
     def _rows(self, name: str, rows: tuple[int, int] | None) -> mx.array:
         """Rows [a, b) over all leading dims, [b - a, last dim], in the stored dtype (all of it, shaped, if None)."""
@@ -211,7 +199,7 @@ class MlxSource(Source):
             raise CheckpointError(f"config.json quantization of {module}: {err}",
                                   "The checkpoint's config.json does not describe its weights.") from None
         words, groups = self.entry(module + ".weight").shape[-1], self.entry(module + ".scales").shape[-1]
-        if words * 32 != groups * fmt.group_size * fmt.bits or (fmt.mode == "affine") != (module + ".biases" in self.raw_map):
+        if words * 32 != groups * fmt.group_size * fmt.bits or (fmt.mode == "affine") != (module + ".biases" in self.file_map):
             raise CheckpointError(f"{module} is stored as {words} packed words and {groups} scales per row, which is not "
                                   f"{fmt.name} as config.json says", "The checkpoint's config.json does not describe its weights.")
         return fmt
