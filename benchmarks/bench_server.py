@@ -9,7 +9,8 @@ every token's chunk is seen, also when the model starts with tool-call markup a 
   1. throughput: the same requests one by one, then 4 and then 8 at once; aggregate generated
      tok/s of each concurrent wave over the same requests one by one;
   2. agent sessions: every session shares a system prompt + tool schemas, then a conversation grows
-     turn by turn (user message, the model's reply appended); sessions run two at a time. TTFT per
+     turn by turn (user message, the model's reply appended as it came: its tool calls, and a result
+     for each, as an agent sends them back); sessions run two at a time. TTFT per
      turn: cold (nothing cached), first turn of a later session (the shared prefix cached), warm
      continuations; then the server restarts and every session takes one more turn (glm-mlx: from
      its SSD prefix cache; mlx-lm keeps its cache in RAM only).
@@ -117,6 +118,7 @@ def ask(client, messages, max_tokens: int, tool_list=None, logprobs: bool = Fals
         model=client.model_name, messages=messages, max_tokens=max_tokens, temperature=0.0, stream=True,
         stream_options={"include_usage": True}, extra_body={"chat_template_kwargs": {"enable_thinking": False}},
         logprobs=logprobs, **kwargs)
+    calls: dict[int, dict] = {}  # tool-call index -> the call as an assistant message carries it
     for chunk in stream:
         if chunk.usage is not None:
             usage = chunk.usage
@@ -126,10 +128,16 @@ def ask(client, messages, max_tokens: int, tool_list=None, logprobs: bool = Fals
             if ttft is None and (piece or (c.logprobs and c.logprobs.content) or d.tool_calls):
                 ttft = time.perf_counter() - t0
             out.append(piece)
+            for tc in d.tool_calls or []:
+                call = calls.setdefault(tc.index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+                call["id"] += tc.id or ""
+                call["function"]["name"] += (tc.function and tc.function.name) or ""
+                call["function"]["arguments"] += (tc.function and tc.function.arguments) or ""
     wall = time.perf_counter() - t0
     details = (usage.prompt_tokens_details.model_dump() if usage and usage.prompt_tokens_details else {}) or {}
     cached = details.get("cached_tokens") or 0
     return {"ttft": ttft if ttft is not None else wall, "wall": wall, "text": "".join(out),
+            "tool_calls": [calls[i] for i in sorted(calls)],
             "prompt": usage.prompt_tokens if usage else 0, "completion": usage.completion_tokens if usage else 0,
             "cached": cached, "disk": details.get("disk_cached_tokens") or 0}
 
@@ -179,7 +187,9 @@ def sessions(server: Server, n_sessions: int, turns: int, system_words: int, n_t
         if (s, server.port) not in clients:
             clients[(s, server.port)] = server.client()
         r = ask(clients[(s, server.port)], convs[s], max_tokens, tool_list, logprobs=True)
-        convs[s].append({"role": "assistant", "content": r["text"]})
+        # As an agent goes on: the assistant turn as it came (tool calls included), each call's result.
+        convs[s].append({"role": "assistant", "content": r["text"], **({"tool_calls": r["tool_calls"]} if r["tool_calls"] else {})})
+        convs[s] += [{"role": "tool", "tool_call_id": c["id"], "content": '{"status": "ok"}'} for c in r["tool_calls"]]
         records.append({"session": s, "turn": t, "kind": kind, **{k: r[k] for k in ("ttft", "prompt", "cached", "disk")}})
 
     turn(0, 0, "cold")

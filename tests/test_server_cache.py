@@ -53,6 +53,29 @@ def test_prefix_cache_hits_across_conversations_and_restarts(cache_dir):
         cold.stop()
 
 
+def test_next_turn_reuses_its_conversation_when_the_reply_comes_back_rendered_otherwise():
+    """GLM's template drops past reasoning from the history: the reply's tokens are not in the next
+    prompt. The conversation's own cache still serves the whole previous prompt (only the reply's rows
+    go), with no prefix cache to fall back on."""
+    server = Server("--no-prefix-cache").start()
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        history = [SYSTEM, {"role": "user", "content": "Name a king."}]
+        for turn in range(3):
+            r = client.chat.completions.create(model="m", messages=history, max_tokens=10, temperature=0)
+            reasoning = r.choices[0].message.model_extra.get("reasoning_content")
+            if turn == 0:
+                assert reasoning, "thinking is on by default: the reply starts with reasoning"
+            else:  # the previous prompt up to its assistant header came from the cache (less the one
+                # token MTP recomputes at a cut: PromptCache.reuse)
+                assert r.usage.prompt_tokens_details.cached_tokens >= previous - 2, (turn, r.usage, previous)
+            previous = r.usage.prompt_tokens
+            history += [{"role": "assistant", "content": r.choices[0].message.content or "",
+                         "reasoning_content": reasoning}, {"role": "user", "content": f"And another, {turn}?"}]
+    finally:
+        assert server.stop() == 0
+
+
 def test_port_in_use_is_a_clean_error():
     import socket
     import subprocess

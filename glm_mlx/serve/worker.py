@@ -82,6 +82,7 @@ class CachePool:
         self.model, self.mtp, self.size = model, mtp, size
         self.caches: list = []  # idle, least recently used first
         self.busy: list = []
+        self.prompt_len: dict[int, int] = {}  # id(idle cache) -> length of the prompt it last served
 
     @staticmethod
     def shared(pc, ids: list[int]) -> int:
@@ -98,29 +99,39 @@ class CachePool:
 
         n, best = max(((self.shared(pc, ids), pc) for pc in self.caches), key=lambda x: x[0], default=(0, None))
         room = len(self.caches) + len(self.busy) < self.size
-        # Continue a conversation whose tokens all prefix this prompt, or serve a prompt the cache holds
-        # whole (a retry); trim another conversation's cache to a shared head (e.g. the system prompt)
-        # only when no slot is free.
-        if n > 0 and (n >= len(best.tokens) - 1 or n >= len(ids) - 1 or not room):
-            self.caches.remove(best)
+        # Continue a conversation: the cache's tokens all prefix this prompt; or this prompt extends the
+        # prompt the cache last served, its reply coming back rendered otherwise (reasoning cleared from
+        # the history, a tool call re-rendered), so only the reply's rows go; or the cache holds the
+        # prompt whole (a retry). Trim another conversation's cache to a shared head (e.g. the system
+        # prompt) only when no slot is free.
+        if n > 0 and (n >= len(best.tokens) - 1 or n >= self.prompt_len.get(id(best), len(ids)) - 1
+                      or n >= len(ids) - 1 or not room):
+            self._drop(best)
         else:
             best, n = PromptCache.fresh(self.model, mtp=self.mtp), 0
             while self.caches and len(self.caches) + len(self.busy) >= self.size:
-                self.caches.pop(0)
+                self._drop(self.caches[0])
         self.busy.append(best)
         return best, n
+
+    def _drop(self, pc):
+        self.caches.remove(pc)
+        self.prompt_len.pop(id(pc), None)
 
     def adopt(self, pc):
         """A cache built elsewhere (restored from the prefix cache) joins the pool, in use."""
         self.busy.append(pc)
 
-    def release(self, pc, keep: bool = True):
+    def release(self, pc, keep: bool = True, prompt_len: int | None = None):
+        """prompt_len: the prompt the cache just served (its tokens past that are the reply)."""
         if pc in self.busy:
             self.busy.remove(pc)
         if keep:
             self.caches.append(pc)
+            if prompt_len is not None:
+                self.prompt_len[id(pc)] = prompt_len
             while len(self.caches) > self.size:
-                self.caches.pop(0)
+                self._drop(self.caches[0])
 
 
 @dataclass
@@ -306,7 +317,7 @@ class Worker(threading.Thread):
         seq = self.batch.remove(job)
         if keep_cache:
             self._save_prefix(seq.pc)  # also a cancelled prefill's completed chunks
-        self.pool.release(seq.pc, keep=keep_cache)
+        self.pool.release(seq.pc, keep=keep_cache, prompt_len=len(seq.prompt))
         if reason == "error":
             return
         st = seq.stats
