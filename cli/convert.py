@@ -178,7 +178,7 @@ def convert(
     from glm_mlx.quantize.output_dir import refuse_foreign
     from glm_mlx.quantize.formats import unquantized
     from glm_mlx.quantize.macs import parse_size
-    from glm_mlx.quantize.progress import fmt_bytes
+    from glm_mlx.disk import fmt_bytes
     from glm_mlx.quantize.recipe import METHODS, Recipe
     from glm_mlx.quantize.source import open_source, quantization_kind
 

@@ -86,7 +86,7 @@ def download(
 
 def _print_plan(plan, as_json: bool) -> None:
     """--dry-run: the files, their sizes and what is already on disk, and whether the rest fits."""
-    from glm_mlx.hub import fmt_bytes
+    from glm_mlx.disk import fmt_bytes
 
     if as_json:
         typer.echo(json.dumps({"dry_run": True, "repo": plan.repo_id, "commit": plan.commit, "path": str(plan.path),

@@ -1,9 +1,10 @@
-"""Why a folder cannot take files. The space checks (download, convert) ask before they report "not enough
+"""Disk space in the units the Hub shows, and why a folder cannot take files. The space checks (download, convert) ask before they report "not enough
 disk space": a read-only mount or /proc says "0 B free", which hides the real cause."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from glm_mlx.errors import GlmMlxError
@@ -13,6 +14,22 @@ class OutputPathError(GlmMlxError):
     """Nothing can be written at the output path, whatever the free space."""
 
     hint = "Choose an output folder on a writable disk."
+
+
+def fmt_bytes(n: float) -> str:
+    """Decimal units, as the Hub shows sizes: 1.40 TB, 5.37 GB, 312.5 kB."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free space on the disk that holds `path` (or its nearest existing parent)."""
+    p = Path(path).expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
 
 
 def check_writable(path: str | Path) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
-import shutil
 import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -41,7 +40,7 @@ from huggingface_hub.utils import WeakFileLock, build_hf_headers, filter_repo_ob
 from tqdm.auto import tqdm
 
 from . import atomic
-from .disk import check_writable
+from .disk import check_writable, fmt_bytes, free_bytes
 from .remote_paths import _COMMIT, UnsafeRepoError, _join, check_etag, check_repo_path  # noqa: F401 - re-exported
 from .errors import CheckpointError, GlmMlxError
 from .progress import TransferBars
@@ -107,14 +106,6 @@ class DownloadPlan:
     @property
     def fits(self) -> bool:
         return self.needed <= self.free
-
-
-def fmt_bytes(n: float) -> str:
-    """Decimal units, as the Hub shows sizes: 1.40 TB, 5.37 GB, 312.5 kB."""
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 @contextlib.contextmanager
@@ -203,14 +194,6 @@ def repo_files(repo_id: str, revision: str | None = None, include=None, exclude=
                files: Sequence[str] | None = None) -> list[RepoFile]:
     """The repo's files as (path, size), after include/exclude globs (huggingface_hub's allow/ignore_patterns)."""
     return [RepoFile(e.path, e.size) for e in _listing(repo_id, revision, include, exclude, token, files)[1]]
-
-
-def free_bytes(path: str | Path) -> int:
-    """Free space on the disk that holds `path` (or its nearest existing parent)."""
-    p = Path(path).expanduser().absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return shutil.disk_usage(p).free
 
 
 def check_disk(files: Iterable[Sequence], target_dir: str | Path, done: int | None = None) -> int:

@@ -26,7 +26,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from glm_mlx import atomic
-from glm_mlx.disk import check_writable
+from glm_mlx.disk import check_writable, fmt_bytes, free_bytes
 from glm_mlx.config import ModelArgs, config_dtype
 from glm_mlx.loading import INDEX_FILE
 
@@ -38,7 +38,7 @@ from .output_dir import (MANIFEST, MANIFEST_FORMAT, TOKENIZER_FILES, WORK, Conve
 from .planner import price
 from .quantizer import quantize
 from .recipe import Recipe, quantization_config, resolve
-from .progress import Bars, fmt_bytes, free_bytes
+from .progress import Bars
 from .source import MX_NAME, Source, ShardWriter, layout, open_source, read_header
 
 SHARD_SIZE = 5 * 10**9

@@ -2,24 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 from glm_mlx.progress import TransferBars
-
-
-def fmt_bytes(n: float) -> str:
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
-
-
-def free_bytes(path: Path) -> int:
-    p = Path(path).absolute()
-    while not p.exists():
-        p = p.parent
-    return shutil.disk_usage(p).free
 
 
 class Bars(TransferBars):

@@ -14,9 +14,10 @@ import shutil
 from pathlib import Path
 
 from glm_mlx import hub
+from glm_mlx.disk import fmt_bytes
 from glm_mlx.loading import INDEX_FILE
 
-from .converter import TOKENIZER_FILES, ConvertError, Shard, fmt_bytes, shard_sources
+from .converter import TOKENIZER_FILES, ConvertError, Shard, shard_sources
 from .source import open_source
 
 SOURCE_DIR = ".glm-mlx-source"  # inside the output folder; removed when the conversion finishes
