@@ -14,7 +14,8 @@ importance-weighted (quantize/quantizer.py); it does not change any size.
 Never quantized whatever the recipe says: norms (incl. the indexer's k_norm LayerNorm), the
 router `mlp.gate.weight` (kept in the model dtype) and `e_score_correction_bias` (float32);
 the inventory marks these not quantizable. A weight whose last dim is not divisible by its
-format's group size stays unquantized; `Resolution.kept` records why.
+format's group size stays unquantized; `Resolution.kept` records why. An unquantized format in a
+rule ("bf16", "f32") means "not quantized": the weight keeps the model dtype (`convert --dtype`).
 """
 
 from __future__ import annotations
@@ -160,6 +161,8 @@ def resolve(args: ModelArgs, recipe: Recipe, mtp: bool = True, tensors: list[Ten
             continue
         i, fmt = recipe.rule_for(t)
         used.add(i)
+        if not fmt.quantized:  # "bf16"/"f32"/...: not quantized, stored in the model dtype as the converter
+            fmt = dtype  # writes it (a bf16 checkpoint upcast to f32 gains no precision; --dtype sets it)
         if not fmt.fits(t.shape):
             kept[t.module] = f"last dim {t.shape[-1]} not divisible by {fmt.name}'s group size {fmt.group_size}"
             fmt = dtype

@@ -109,6 +109,22 @@ def test_mlx_lm_loads_the_output(bf16, tmp_path):
     np.testing.assert_allclose(np.array(ours(toks)), np.array(theirs(toks)), atol=1e-3)
 
 
+def test_an_unquantized_rule_keeps_the_model_dtype(bf16, tmp_path):
+    """A "f32" rule on a bf16 checkpoint means "not quantized": stored as bf16 (upcasting adds no precision),
+    and the planner prices it so (it once priced 4 bytes a weight and the converter refused its own plan)."""
+    from convert_fixtures import _header
+
+    recipe = Recipe.from_dict({"default": "affine4g32", "rules": [{"component": "attention", "format": "f32"}]})
+    out = tmp_path / "out"
+    convert(bf16, out, recipe, shard_size=300_000)
+    entries = {k: v for f in out.glob("*.safetensors") for k, v in _header(f)[1].items() if k != "__metadata__"}
+    assert entries["model.layers.0.self_attn.q_a_proj.weight"]["dtype"] == "BF16"
+    stored = sum(v["data_offsets"][1] - v["data_offsets"][0] for v in entries.values())
+    config = json.loads((out / "config.json").read_text())
+    assert stored == price(ModelArgs.from_dict(config), recipe).total
+    assert config["quantization"]["model.layers.0.self_attn.q_a_proj"] is False
+
+
 _KILLABLE = """
 import sys, time
 from glm_mlx.quantize import converter
