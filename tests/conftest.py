@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 
@@ -65,3 +67,72 @@ def mtp_ckpt(tmp_path_factory):
     add_mtp_layer(path, make_reference(path, seed=5), seed=6)
     write_tokenizer(path)
     return path
+
+
+# --- the real server, for the test_server*.py modules ------------------------------------------------
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """One real `glm-mlx serve` for every test_server*.py module (the bundled glm-mini, unless
+    GLM_MLX_TEST_SERVE_MODEL names another checkpoint)."""
+    from serve_helpers import CONTEXT, MODEL_DIR
+    from server_util import Server
+
+    # its own prefix-cache folder: nothing written to (or read back from) the user's cache
+    model = [str(MODEL_DIR)] if "GLM_MLX_TEST_SERVE_MODEL" in os.environ else []  # as users do: no model argument
+    s = Server(*model, "--prefill-step", "16", "--context", str(CONTEXT),
+               "--cache-dir", str(tmp_path_factory.mktemp("prefix")), "--cache-disk", "256MB")
+    try:
+        s.start()
+    except RuntimeError as e:
+        s.cleanup()
+        pytest.fail(str(e))
+    yield s
+    alive, log = s.proc.poll() is None, s.stderr()
+    s.stop()
+    s.cleanup()
+    if not alive:
+        pytest.fail(f"glm-mlx serve exited early with {s.proc.returncode}:\n{log[-6000:]}")
+    if "Traceback" in log:  # also one logged after the last test's own check
+        pytest.fail(f"the server logged a traceback:\n{log[-6000:]}")
+
+
+@pytest.fixture(autouse=True)
+def _server_log_on_failure(request):
+    """A failing test that used the server gets the server's log lines from its run in its report."""
+    if "server" not in request.fixturenames:
+        yield
+        return
+    srv = request.getfixturevalue("server")
+    start, failed = len(srv.log_lines()), request.session.testsfailed
+    yield
+    lines = srv.log_lines()
+    if request.session.testsfailed > failed:
+        print("--- glm-mlx serve stderr during this test ---\n" + "\n".join(lines[start:][-200:]))
+        if srv.proc.poll() is not None:
+            print(f"--- the server exited with {srv.proc.returncode}; its whole log ---\n" + "\n".join(lines))
+        return
+    # Nothing went wrong on the server's side either: the test that made it log a traceback fails.
+    assert srv.proc.poll() is None, f"the server exited with {srv.proc.returncode}:\n" + "\n".join(lines[-200:])
+    assert not any("Traceback" in ln for ln in lines[start:]), "\n".join(lines[start:][-200:])
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from mlx_lm.tokenizer_utils import load
+    from serve_helpers import MODEL_DIR
+
+    return load(MODEL_DIR)
+
+
+@pytest.fixture(scope="session")
+def oa(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def ac(server):
+    import anthropic
+
+    return anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0, timeout=120)

@@ -60,7 +60,7 @@ def test_next_turn_reuses_its_conversation_when_the_reply_comes_back_rendered_ot
     server = Server("--no-prefix-cache").start()
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
-        history = [SYSTEM, {"role": "user", "content": "Name a king."}]
+        history, previous = [SYSTEM, {"role": "user", "content": "Name a king."}], 0
         for turn in range(3):
             r = client.chat.completions.create(model="m", messages=history, max_tokens=10, temperature=0)
             reasoning = r.choices[0].message.model_extra.get("reasoning_content")
