@@ -7,16 +7,16 @@ must get a table entry (test_every_numeric_option_is_in_the_table) and is then t
 
 from __future__ import annotations
 
-import errno
 import math
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
+import errno
 import pytest
 import typer.main
+from cli_util import CLI, assert_clean_error
 from typer.testing import CliRunner
 
 from glm_mlx.cli.app import app
@@ -24,7 +24,6 @@ from glm_mlx.cli.errors import describe
 from glm_mlx.cli.options import RANGES, OptionRangeError, check_option, option_name
 
 runner = CliRunner()
-CLI = [sys.executable, "-m", "glm_mlx.cli.app"]
 # Required arguments, so that a command reaches its option checks (the checks come before any work).
 REQUIRED = {"convert": ["src", "dst"], "eval": ["model", "--reference", "ref", "--text", "t.txt"],
             "download": ["org/name"], "launch": ["--", "chat"]}
@@ -67,13 +66,10 @@ def invoke(command: str, *args: str):
     return runner.invoke(app, [command, *args, *REQUIRED.get(command, [])], env={"GLM_MLX_DEBUG": None})
 
 
-def assert_one_line_error(exit_code: int, stdout: str, stderr: str, *needles: str):
-    assert exit_code == 1, (stdout, stderr)
-    errors = [ln for ln in stderr.splitlines() if ln.startswith("Error:")]
-    assert len(errors) == 1 and "Hint:" in stderr, stderr
-    assert "Traceback" not in stderr + stdout and "bug" not in stderr and not stdout.strip(), (stdout, stderr)
-    for n in needles:
-        assert n in errors[0], stderr
+def assert_one_line_error(result, *needles: str):
+    """cli_util's check, and more: the needles in the `Error:` line, nothing on stdout, not called a bug."""
+    assert_clean_error(result, *needles, in_line=True)
+    assert "bug" not in result.stderr and not result.stdout.strip(), (result.stdout, result.stderr)
 
 
 # --- the table --------------------------------------------------------------------------------------------
@@ -90,7 +86,7 @@ def test_every_numeric_option_is_in_the_table():
 @pytest.mark.parametrize("command,option,value", CASES, ids=[" ".join(c) for c in CASES])
 def test_out_of_range_is_a_one_line_error(command, option, value):
     r = invoke(command, option, value)
-    assert_one_line_error(r.exit_code, r.stdout, r.stderr, option, "must be", "got")
+    assert_one_line_error(r, option, "must be", "got")
 
 
 @pytest.mark.parametrize("args", [
@@ -99,7 +95,7 @@ def test_out_of_range_is_a_one_line_error(command, option, value):
 ], ids=" ".join)
 def test_out_of_range_in_the_real_cli(args):
     r = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120)
-    assert_one_line_error(r.returncode, r.stdout, r.stderr, args[1], "must be")
+    assert_one_line_error(r, args[1], "must be")
 
 
 @pytest.mark.parametrize("option", sorted(RANGES))
@@ -189,7 +185,7 @@ def src(tmp_path_factory):
 def test_convert_into_a_pseudo_file_system(src):
     r = subprocess.run([*CLI, "convert", str(src), "/proc/glm-mlx-out", "--bits", "4"], capture_output=True,
                        text=True, timeout=300)
-    assert_one_line_error(r.returncode, r.stdout, r.stderr, "pseudo file system")
+    assert_one_line_error(r, "pseudo file system")
     assert "not enough disk space" not in r.stderr
 
 
@@ -197,7 +193,7 @@ def test_convert_into_a_file(src, tmp_path):
     (tmp_path / "file").write_text("x")
     for dst in (tmp_path / "file", tmp_path / "file" / "sub"):
         r = runner.invoke(app, ["convert", str(src), str(dst), "--bits", "4"], env={"GLM_MLX_DEBUG": None})
-        assert_one_line_error(r.exit_code, r.stdout, r.stderr, "file" if dst.name == "file" else "not a folder")
+        assert_one_line_error(r, "file" if dst.name == "file" else "not a folder")
 
 
 def test_space_checks_name_a_read_only_or_pseudo_target(tmp_path, monkeypatch):

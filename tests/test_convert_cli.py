@@ -10,11 +10,11 @@ import sys
 
 import mlx.core as mx
 import pytest
+from cli_util import assert_clean_error
+from cli_util import invoke as run
 from convert_fixtures import make_source, tree_bytes
-from typer.testing import CliRunner
 
 from glm_mlx import load_model
-from glm_mlx.cli.app import app
 from glm_mlx.config import ModelArgs
 from glm_mlx.quantize import converter
 from glm_mlx.quantize.planner import price
@@ -27,21 +27,6 @@ TEXT = ("Shall I compare thee to a summer's day? Thou art more lovely and more t
 @pytest.fixture(scope="module")
 def src(tmp_path_factory):
     return make_source(tmp_path_factory.mktemp("cli") / "src")
-
-
-def run(*args, ok=True):
-    result = CliRunner().invoke(app, [str(a) for a in args], env={"GLM_MLX_DEBUG": None})
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
-
-
-def assert_clean_error(result, *needles):
-    assert result.exit_code == 1, result.output
-    assert "Error:" in result.stderr and "Hint:" in result.stderr and "Traceback" not in result.output
-    assert len([ln for ln in result.stderr.splitlines() if ln.startswith("Error:")]) == 1
-    for n in needles:
-        assert n in result.stderr, result.stderr
 
 
 def test_uniform_recipe_and_json(src, tmp_path):

@@ -9,12 +9,12 @@ import os
 import posixpath
 import random
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from cli_util import assert_clean_error, command, invoke
 from hypothesis import example, given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -38,16 +38,7 @@ def _files() -> dict[str, bytes]:
 
 
 def run(*args: str):
-    return CliRunner().invoke(app, ["download", *args], env={"GLM_MLX_DEBUG": None})  # the handler must be on
-
-
-def assert_clean_error(result, *needles: str):
-    """Exit 1 with `Error: ...` + `Hint: ...` on stderr and no traceback."""
-    assert result.exit_code == 1, result.output
-    assert "Error:" in result.stderr and "Hint:" in result.stderr, result.stderr
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in result.stderr, result.stderr
+    return invoke("download", *args, ok=False)
 
 
 def assert_same_files(folder: Path, files: dict[str, bytes]):
@@ -222,9 +213,7 @@ def test_help_has_an_example():
 
 def cli_download(*args: str) -> subprocess.CompletedProcess:
     """The real CLI in a subprocess; HF_ENDPOINT/HF_HOME/HF_HUB_CACHE come from the `hub` fixture's environment."""
-    env = {k: v for k, v in os.environ.items() if k != "GLM_MLX_DEBUG"}  # the error handler must be on
-    return subprocess.run([sys.executable, "-m", "glm_mlx.cli.app", "download", *args],
-                          capture_output=True, text=True, env=env, timeout=120)
+    return command("download", *args, timeout=120)
 
 
 def assert_refused(proc: subprocess.CompletedProcess, *needles: str):

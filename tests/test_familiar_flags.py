@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import urllib.request
 
 import pytest
 import typer.main
-from typer.testing import CliRunner
+from cli_util import assert_clean_error, command
+from cli_util import invoke as _invoke
 
 from glm_mlx.cli.app import app
 from glm_mlx.cli.options import option_name
 
-runner = CliRunner()
-CLI = [sys.executable, "-m", "glm_mlx.cli.app"]
 MODEL_COMMANDS = ("generate", "chat", "serve", "bench", "eval", "fit")
 # Short flags whose meaning mlx-lm (mlx_lm.generate / chat / benchmark) fixes: where glm-mlx has them, they mean this.
 MLX_LM_SHORT = {"-m": "--max-tokens", "-p": "--prompt", "-g": "--generation-tokens"}
@@ -47,23 +44,12 @@ def short_flags() -> dict[str, set[tuple[str, str]]]:
     return seen
 
 
-def run(*args, check=True):
-    r = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300)
-    if check:
-        assert r.returncode == 0, r.stderr
-    return r
-
-
-def one_line_error(exit_code, stdout, stderr, *needles):
-    assert exit_code == 1, (stdout, stderr)
-    errors = [ln for ln in stderr.splitlines() if ln.startswith("Error:")]
-    assert len(errors) == 1 and "Hint:" in stderr and "Traceback" not in stderr + stdout, stderr
-    for n in needles:
-        assert n in errors[0], stderr
-
-
 def invoke(*args, input=None):
-    return runner.invoke(app, [str(a) for a in args], input=input, env={"GLM_MLX_DEBUG": None})
+    return _invoke(*args, ok=False, input=input)
+
+
+def run(*args, check=True):
+    return command(*args, ok=check)
 
 
 @pytest.fixture(scope="module")
@@ -99,12 +85,12 @@ def test_help_has_h_and_both_model_spellings(command):
 def test_two_different_models_are_a_one_line_error(command, tmp_path):
     extra = ["--reference", "r", "--text", "t.txt"] if command == "eval" else []
     r = invoke(command, tmp_path / "a", "--model", tmp_path / "b", *extra)
-    one_line_error(r.exit_code, r.stdout, r.stderr, "--model", "different models")
+    assert_clean_error(r, "--model", "different models", in_line=True)
 
 
 def test_eval_needs_a_model():
     r = invoke("eval", "--reference", "r", "--text", "t.txt")
-    one_line_error(r.exit_code, r.stdout, r.stderr, "no MODEL given")
+    assert_clean_error(r, "no MODEL given", in_line=True)
 
 
 # --- the model, both ways -------------------------------------------------------------------------------------
@@ -177,7 +163,7 @@ def test_prompt_cache_of_another_model_is_a_one_line_error(ckpt, tmp_path):
     other = tmp_path / "copy"
     shutil.copytree(ckpt, other)
     r = invoke("generate", other, "-p", "hi", "-m", 2, "--prompt-cache-file", cache)
-    one_line_error(r.exit_code, r.stdout, r.stderr, "prompt cache", "made with the model")
+    assert_clean_error(r, "prompt cache", "made with the model", in_line=True)
 
 
 def test_chat_prompt_cache_file_and_sampling_flags(ckpt, tmp_path):
@@ -224,18 +210,18 @@ def test_extra_eos_token_stops_there_in_the_real_cli(ckpt, greedy):
 
 def test_extra_eos_token_must_be_one_token(ckpt):
     r = invoke("generate", ckpt, "-p", "hi", "--extra-eos-token", "several chars")
-    one_line_error(r.exit_code, r.stdout, r.stderr, "--extra-eos-token", "not one token")
+    assert_clean_error(r, "--extra-eos-token", "not one token", in_line=True)
 
 
 def test_chat_template_args_bad_json_in_the_real_cli(ckpt):
     r = run("generate", ckpt, "-p", "hi", "--chat-template-args", "{enable_thinking: false}", check=False)
-    one_line_error(r.returncode, r.stdout, r.stderr, "--chat-template-args", "not valid JSON")
+    assert_clean_error(r, "--chat-template-args", "not valid JSON", in_line=True)
 
 
 @pytest.mark.parametrize("command", ["generate", "chat", "serve"])
 def test_chat_template_args_must_be_an_object(command, ckpt):
     r = invoke(command, ckpt, "--chat-template-args", "[1, 2]", input="")
-    one_line_error(r.exit_code, r.stdout, r.stderr, "--chat-template-args", "JSON object")
+    assert_clean_error(r, "--chat-template-args", "JSON object", in_line=True)
 
 
 def test_chat_template_args_reach_the_template(ckpt):
