@@ -124,17 +124,22 @@ class Source:
         """The files that reading tensor `name` opens (an FP8 weight's scales included)."""
         return {self.weight_map[n] for n in (name, name + "_scale_inv") if n in self.weight_map}
 
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> mx.array:
-        """float32 rows [a, b) of a tensor (all of it when rows is None), FP8 dequantized."""
-        e = self.entry(name)
-        a, b = rows or (0, e.shape[0] if e.shape else 1)
-        width = int(np.prod(e.shape[1:], dtype=np.int64)) if len(e.shape) > 1 else (1 if e.shape else 1)
+    def _raw(self, name: str, e, a: int, b: int, width: int) -> np.ndarray:
+        """Rows [a, b) of `width` elements each, as stored, straight from the shard (a cut-short shard says so)."""
         np_dtype, esize = RAW[e.dtype]
         with open(self.folder / e.file, "rb") as f:
             f.seek(e.start + a * width * esize)
             raw = np.fromfile(f, dtype=np_dtype, count=(b - a) * width)
         if raw.size != (b - a) * width:
             raise CheckpointError(f"corrupt shard {e.file}: tensor {name} is cut short", "Delete the shard and download it again.")
+        return raw
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> mx.array:
+        """float32 rows [a, b) of a tensor (all of it when rows is None), FP8 dequantized."""
+        e = self.entry(name)
+        a, b = rows or (0, e.shape[0] if e.shape else 1)
+        width = int(np.prod(e.shape[1:], dtype=np.int64)) if len(e.shape) > 1 else (1 if e.shape else 1)
+        raw = self._raw(name, e, a, b, width)
         shape = ((b - a),) + e.shape[1:] if e.shape else ()
         arr = mx.array(raw).reshape(shape)
         if e.dtype == "BF16":
@@ -177,12 +182,7 @@ class MlxSource(Source):
         e = self.entry(name)
         width = e.shape[-1] if e.shape else 1
         a, b = rows or (0, int(np.prod(e.shape[:-1], dtype=np.int64)) if len(e.shape) > 1 else 1)
-        np_dtype, esize = RAW[e.dtype]
-        with open(self.folder / e.file, "rb") as f:
-            f.seek(e.start + a * width * esize)
-            raw = np.fromfile(f, dtype=np_dtype, count=(b - a) * width)
-        if raw.size != (b - a) * width:
-            raise CheckpointError(f"corrupt shard {e.file}: tensor {name} is cut short", "Delete the shard and download it again.")
+        raw = self._raw(name, e, a, b, width)
         arr = mx.array(raw).reshape(e.shape if rows is None else (b - a, width))
         return arr.view(mx.bfloat16) if e.dtype == "BF16" else arr
 
