@@ -466,14 +466,14 @@ COPY_FUNCS = [f for f in TRAIN_FUNCS if _copies_string(f)]
 
 
 def conversation(rng: random.Random, held: bool = False, focus: str | None = None, focus_frac: float = 0.0,
-                 short_frac: float = 0.0) -> dict:
+                 short_frac: float = 0.0, drill_think: float = 0.25) -> dict:
     """One training (held=False) or evaluation (held=True) example:
     {'tools', 'messages', 'think', 'kind', 'function', 'arguments', 'result', 'check'}.
-    A share short_frac of training examples are short copy drills: one call (thinking off more
-    often), no system prompt, only the right tool offered (rarely one more), a function with a
-    string argument to copy from the request (COPY_FUNCS, or `focus`)."""
+    A share short_frac of training examples are short copy drills: one call (with reasoning in a share
+    drill_think of them), no system prompt, only the right tool offered (rarely one more), a function
+    with a string argument to copy from the request (COPY_FUNCS, or `focus`)."""
     if not held and short_frac and rng.random() < short_frac:
-        think = rng.random() < 0.25
+        think = rng.random() < drill_think
         f = BY_NAME[focus] if focus and rng.random() < focus_frac else rng.choice(COPY_FUNCS)
         tools = [declaration(f)] + ([declaration(rng.choice([g for g in TRAIN_FUNCS if g is not f]))]
                                     if rng.random() < 0.15 else [])
@@ -516,11 +516,11 @@ def _call(f: Func, tools: list, msgs: list, kind: str, think: bool, rng: random.
 
 
 def dataset(n: int, seed: int = 0, held: bool = False, focus: str | None = None, focus_frac: float = 0.0,
-            short_frac: float = 0.0) -> list[dict]:
+            short_frac: float = 0.0, drill_think: float = 0.25) -> list[dict]:
     """n conversations; a share focus_frac of them is about the function `focus` (the README demo),
     a share short_frac are short copy drills (see conversation)."""
     rng = random.Random(seed)
-    return [conversation(rng, held, focus, focus_frac, short_frac) for _ in range(n)]
+    return [conversation(rng, held, focus, focus_frac, short_frac, drill_think) for _ in range(n)]
 
 
 def eval_set(n_per_function: int = 3, seed: int = 1234) -> list[dict]:

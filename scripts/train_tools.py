@@ -69,6 +69,7 @@ def parse():
                    help="loss weight of <arg_value>...</arg_value> tokens (default: --call-weight)")
     p.add_argument("--think-weight", type=float, default=1.0,
                    help="loss weight of a reasoning (<think>...</think>; it names the values the call copies)")
+    p.add_argument("--drill-think", type=float, default=0.25, help="share of copy drills with reasoning")
     p.add_argument("--short-frac", type=float, default=0.0,
                    help="share of short copy drills (one tool offered, one call; tool_data.conversation)")
     p.add_argument("--focus", help="a function that a share --focus-frac of the conversations is about")
@@ -131,7 +132,7 @@ class ToolData:
 
     def __init__(self, tokenizer, n: int, seed: int, budget: int, call_weight: float = 1.0,
                  focus: str | None = None, focus_frac: float = 0.0, value_weight: float | None = None,
-                 short_frac: float = 0.0, think_weight: float = 1.0):
+                 short_frac: float = 0.0, think_weight: float = 1.0, drill_think: float = 0.25):
         enc = tokenizer.backend_tokenizer.encode
         asst = tokenizer.convert_tokens_to_ids("<|assistant|>")
         ends = {tokenizer.convert_tokens_to_ids(t) for t in END_TOKENS}
@@ -140,7 +141,8 @@ class ToolData:
         think = tuple(tokenizer.convert_tokens_to_ids(t) for t in ("<think>", "</think>"))
         self.eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
         self.rows = []
-        for ex in td.dataset(n, seed=seed, focus=focus, focus_frac=focus_frac, short_frac=short_frac):
+        for ex in td.dataset(n, seed=seed, focus=focus, focus_frac=focus_frac, short_frac=short_frac,
+                             drill_think=drill_think):
             text = tokenizer.apply_chat_template(ex["messages"], tools=ex["tools"], tokenize=False) + "<|endoftext|>"
             ids = enc(text, add_special_tokens=False).ids
             self.rows.append((np.array(ids, np.int32), assistant_mask(ids, asst, ends, call, call_weight, value, value_weight,
@@ -220,7 +222,8 @@ def main():
 
     data = tr.Data(corpus, tokenizer, args.seed)  # plain text + the corpus' chat turns in the new format
     tools = ToolData(tokenizer, args.examples, args.seed, args.tool_tokens, args.call_weight,
-                      args.focus, args.focus_frac, args.value_weight, args.short_frac, args.think_weight)
+                      args.focus, args.focus_frac, args.value_weight, args.short_frac, args.think_weight,
+                      args.drill_think)
     n_tok = sum(len(r[0]) for r in tools.rows)
     n_sup = sum(float((r[1] > 0).sum()) for r in tools.rows)
     log(f"tool conversations: {len(tools.rows)} ({n_tok:,} tokens, {n_sup:,.0f} supervised); "
