@@ -69,6 +69,8 @@ def parse():
                    help="loss weight of <arg_value>...</arg_value> tokens (default: --call-weight)")
     p.add_argument("--think-weight", type=float, default=1.0,
                    help="loss weight of a reasoning (<think>...</think>; it names the values the call copies)")
+    p.add_argument("--answer-weight", type=float, default=1.0,
+                   help="loss weight of an answer to a tool's result (it copies values from the result)")
     p.add_argument("--drill-think", type=float, default=0.25, help="share of copy drills with reasoning")
     p.add_argument("--short-frac", type=float, default=0.0,
                    help="share of short copy drills (one tool offered, one call; tool_data.conversation)")
@@ -101,20 +103,23 @@ def blend(model, start: dict, alpha: float):
 def assistant_mask(ids: list[int], assistant: int, ends: set[int], call: tuple[int, int] = (-1, -1),
                    call_weight: float = 1.0, value: tuple[int, int] = (-1, -1),
                    value_weight: float | None = None, think: tuple[int, int] = (-1, -1),
-                   think_weight: float = 1.0) -> np.ndarray:
+                   think_weight: float = 1.0, observation: int = -1, answer_weight: float = 1.0) -> np.ndarray:
     """Loss weights: 1 for tokens the assistant generates (after `<|assistant|>` and its given first
     token, `<think>` or `</think>`, which the generation prompt supplies, up to and including the end
     token), call_weight for those from `<tool_call>` to `</tool_call>`, value_weight (default
     call_weight) for the argument values after `<arg_value>` up to and including `</arg_value>`,
-    think_weight for a reasoning (after a given `<think>`, up to and including `</think>`), else 0."""
+    think_weight for a reasoning (after a given `<think>`, up to and including `</think>`),
+    answer_weight for the rest of a turn that answers a tool's result (after `<|observation|>`), else 0."""
     value_weight = call_weight if value_weight is None else value_weight
     m = np.zeros(len(ids), np.float32)
     state = 0  # 0 outside, 1 right after <|assistant|>, 2 inside
-    in_call = in_value = in_think = False
+    in_call = in_value = in_think = after_result = in_answer = False
     for i, t in enumerate(ids):
+        after_result = after_result or t == observation
         if state == 2:
             in_call = in_call or t == call[0]
-            m[i] = value_weight if in_value else call_weight if in_call else think_weight if in_think else 1.0
+            m[i] = (value_weight if in_value else call_weight if in_call else think_weight if in_think
+                    else answer_weight if in_answer else 1.0)
             in_think = in_think and t != think[1]
             in_call = in_call and t != call[1]
             in_value = (in_value or t == value[0]) and t != value[1]
@@ -123,7 +128,7 @@ def assistant_mask(ids: list[int], assistant: int, ends: set[int], call: tuple[i
         elif state == 1:
             state, in_think = 2, t == think[0]
         if t == assistant and state == 0:
-            state = 1
+            state, in_answer, after_result = 1, after_result, False
     return m
 
 
@@ -132,13 +137,15 @@ class ToolData:
 
     def __init__(self, tokenizer, n: int, seed: int, budget: int, call_weight: float = 1.0,
                  focus: str | None = None, focus_frac: float = 0.0, value_weight: float | None = None,
-                 short_frac: float = 0.0, think_weight: float = 1.0, drill_think: float = 0.25):
+                 short_frac: float = 0.0, think_weight: float = 1.0, drill_think: float = 0.25,
+                 answer_weight: float = 1.0):
         enc = tokenizer.backend_tokenizer.encode
         asst = tokenizer.convert_tokens_to_ids("<|assistant|>")
         ends = {tokenizer.convert_tokens_to_ids(t) for t in END_TOKENS}
         call = tuple(tokenizer.convert_tokens_to_ids(t) for t in ("<tool_call>", "</tool_call>"))
         value = tuple(tokenizer.convert_tokens_to_ids(t) for t in ("<arg_value>", "</arg_value>"))
         think = tuple(tokenizer.convert_tokens_to_ids(t) for t in ("<think>", "</think>"))
+        observation = tokenizer.convert_tokens_to_ids("<|observation|>")
         self.eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
         self.rows = []
         for ex in td.dataset(n, seed=seed, focus=focus, focus_frac=focus_frac, short_frac=short_frac,
@@ -146,7 +153,7 @@ class ToolData:
             text = tokenizer.apply_chat_template(ex["messages"], tools=ex["tools"], tokenize=False) + "<|endoftext|>"
             ids = enc(text, add_special_tokens=False).ids
             self.rows.append((np.array(ids, np.int32), assistant_mask(ids, asst, ends, call, call_weight, value, value_weight,
-                                                                       think, think_weight)))
+                                                                       think, think_weight, observation, answer_weight)))
         self.rng = np.random.RandomState(seed)
         self.budget = budget
         self.order, self.pos = [], 0
@@ -223,7 +230,7 @@ def main():
     data = tr.Data(corpus, tokenizer, args.seed)  # plain text + the corpus' chat turns in the new format
     tools = ToolData(tokenizer, args.examples, args.seed, args.tool_tokens, args.call_weight,
                       args.focus, args.focus_frac, args.value_weight, args.short_frac, args.think_weight,
-                      args.drill_think)
+                      args.drill_think, args.answer_weight)
     n_tok = sum(len(r[0]) for r in tools.rows)
     n_sup = sum(float((r[1] > 0).sum()) for r in tools.rows)
     log(f"tool conversations: {len(tools.rows)} ({n_tok:,} tokens, {n_sup:,.0f} supervised); "
