@@ -13,7 +13,9 @@ argument values, thinking off and on alternately. Reports
     the greedy final answer contains the result's key value;
   * no-tool requests (greetings etc.) answered without a call;
   * the README example: get_weather(city: string), "What is the weather in Paris?", and its second
-    turn (the reference call, then the tool's result "18 C and sunny") -> the final answer.
+    turn (the reference call, then the tool's result "18 C and sunny") -> the final answer;
+  * city copy: the README's request for every city of the pool, trained and held out, thinking off
+    and on: how often the call names the asked city.
 """
 
 from __future__ import annotations
@@ -134,6 +136,18 @@ def main():
             readme[f"{label}, thinking {'on' if think else 'off'}"] = entry
             print(label, think, json.dumps(entry, ensure_ascii=False), flush=True)
     out["readme_example"] = readme
+
+    # Copying a value from the request: the README's request over every city, trained and held out.
+    out["city_copy"] = {}
+    for held in (False, True):
+        cities = td._split(td.CITIES, held)
+        for think in (False, True):
+            copied = [c for c in cities if parse_calls(generate(
+                model, tok, [{"role": "user", "content": f"What is the weather in {c}?"}], [WEATHER], think, 48))[:1]
+                == [("get_weather", {"city": c})]]
+            key = f"{'held-out' if held else 'trained'} cities, thinking {'on' if think else 'off'}"
+            out["city_copy"][key] = {"n": len(cities), "copied": len(copied), "rate": round(len(copied) / len(cities), 3)}
+            print(key, out["city_copy"][key], flush=True)
 
     examples = td.eval_set(args.per_function)
     res = evaluate(model, tok, examples)
