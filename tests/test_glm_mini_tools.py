@@ -114,8 +114,6 @@ def test_readme_prompt_gets_a_get_weather_call(mini):
     assert out[-1].finish_reason == "stop" and out[-1].token == tok.convert_tokens_to_ids("<|observation|>")
 
 
-@pytest.mark.xfail(reason="glm-mini does not yet copy argument values from the request: it writes a "
-                          "memorised city (docs/reference_model.md, tool-calling results)", strict=False)
 def test_readme_tool_call_copies_paris(mini):
     _, text = _readme_reply(mini)
     assert text == "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value></tool_call>", text

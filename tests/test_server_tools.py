@@ -149,8 +149,6 @@ def test_tool_round_trip_anthropic(ac, streamed):
 
 
 @needs_tool_model
-@pytest.mark.xfail(reason="glm-mini calls get_weather but does not copy the city from the request yet "
-                   "(docs/reference_model.md, 'Tool calling'); passes once a fine-tune teaches it", strict=False)
 def test_bundled_model_calls_with_the_asked_city(oa):
     kw = dict(tools=[WEATHER], max_tokens=48, temperature=0, extra_body=NO_THINK)
     r = whole_chat(oa, messages=ASK_WEATHER, **kw)
