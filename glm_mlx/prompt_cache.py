@@ -23,6 +23,19 @@ class PromptCacheError(GlmMlxError):
     hint = "The prompt cache file does not match this model; delete it or start a new conversation."
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two token lists. A binary search over slice comparisons (done in
+    C): a 100K-token conversation is compared in about 17 list compares, not 100K Python steps."""
+    lo, hi = 0, min(len(a), len(b))  # a[:lo] == b[:lo] holds; the answer is in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 @dataclass
 class PromptCache:
     cache: list[DSACache]
@@ -65,14 +78,10 @@ class PromptCache:
         we cut one token earlier, where the MTP slot is still valid and the main model recomputes h.
         """
         self.settle()
-        n_old = len(self.tokens)
-        p = 0
-        limit = min(n_old, len(prompt))
-        while p < limit and self.tokens[p] == prompt[p]:
-            p += 1
+        p = common_prefix(self.tokens, prompt)
         r = min(p, len(prompt) - 1)
         if self.mtp_cache is not None:
-            q = self.mtp_cache.offset  # slots 0..q-1 written; h of positions q..n_old-1 pending
+            q = self.mtp_cache.offset  # slots 0..q-1 written; h of positions q..len(tokens)-1 pending
             if r < q and r == p:
                 r = max(p - 1, 0)  # slot r-1 pairs h_{r-1} with the old token r: must still match
             if r < q:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from glm_mlx import load, load_model
 from glm_mlx.engine import Engine, StepStats
 from glm_mlx.generate import generate, stream_generate
-from glm_mlx.prompt_cache import PromptCache
+from glm_mlx.prompt_cache import PromptCache, common_prefix
 from glm_mlx.sampling import Sampler, SamplingParams, accept_prefix, verify_drafts
 
 PROMPT = [int(t) for t in np.random.RandomState(0).randint(11, 80, size=20)]  # > index_topk (8)
@@ -215,3 +217,12 @@ def test_logits_processors_see_exactly_the_tokens_so_far(model):
     engine.sampler.processors = [lambda tokens, logits: seen.append(tokens.tolist()) or logits]
     got = list(engine.generate(PROMPT, max_tokens=12))
     assert seen == [PROMPT + got[:i] for i in range(len(got))]
+
+
+@given(st.lists(st.integers(0, 3), max_size=60), st.lists(st.integers(0, 3), max_size=60), st.integers(0, 60))
+def test_common_prefix_is_the_shared_head(a, tail, cut):
+    """The binary search over slices agrees with a plain scan (prompt-cache reuse and the server's
+    cache pool find the reusable head of a 100K-token conversation with it)."""
+    b = a[:cut] + tail
+    want = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    assert common_prefix(a, b) == common_prefix(b, a) == want

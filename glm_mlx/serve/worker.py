@@ -84,20 +84,11 @@ class CachePool:
         self.busy: list = []
         self.prompt_len: dict[int, int] = {}  # id(idle cache) -> length of the prompt it last served
 
-    @staticmethod
-    def shared(pc, ids: list[int]) -> int:
-        n = 0
-        for a, b in zip(pc.tokens, ids):
-            if a != b:
-                break
-            n += 1
-        return n
-
     def take(self, ids: list[int]):
         """-> (cache, tokens of `ids` it already holds)."""
-        from ..prompt_cache import PromptCache
+        from ..prompt_cache import PromptCache, common_prefix
 
-        n, best = max(((self.shared(pc, ids), pc) for pc in self.caches), key=lambda x: x[0], default=(0, None))
+        n, best = max(((common_prefix(pc.tokens, ids), pc) for pc in self.caches), key=lambda x: x[0], default=(0, None))
         room = len(self.caches) + len(self.busy) < self.size
         # Continue a conversation: the cache's tokens all prefix this prompt; or this prompt extends the
         # prompt the cache last served, its reply coming back rendered otherwise (reasoning cleared from
