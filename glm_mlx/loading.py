@@ -115,7 +115,7 @@ def _cpu_needs_float32(model: Model) -> bool:
 def _target_dtype(config: dict, dtype):
     if dtype is not None:
         return dtype
-    return {"float32": mx.float32, "float16": mx.float16}.get(config_dtype(config), mx.bfloat16)
+    return getattr(mx, config_dtype(config))  # bfloat16, float16 or float32
 
 
 def load_model(path, *, lazy: bool = False, dtype=None, mtp: bool = True, keep=None, prune=None) -> Model:

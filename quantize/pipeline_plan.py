@@ -29,7 +29,7 @@ def checkpoint_recipe(config: dict) -> Recipe:
     if config.get("quantization"):
         return recipe_from_quantization(config["quantization"])
     name = config_dtype(config)
-    return Recipe.uniform(unquantized({"float32": "f32", "float16": "f16"}.get(name, "bf16")), name=f"as stored ({name})")
+    return Recipe.uniform(unquantized(name), name=f"as stored ({name})")
 
 
 def parse_macs(text: str) -> list[Mac]:

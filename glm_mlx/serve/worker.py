@@ -82,7 +82,8 @@ class CachePool:
         self.model, self.mtp, self.size = model, mtp, size
         self.caches: list = []  # idle, least recently used first
         self.busy: list = []
-        self.prompt_len: dict[int, int] = {}  # id(idle cache) -> length of the prompt it last served
+        # id(cache) -> length of the prompt it last served, for every cache the pool holds (idle or busy)
+        self.prompt_len: dict[int, int] = {}
 
     def take(self, ids: list[int]):
         """-> (cache, tokens of `ids` it already holds)."""
@@ -97,7 +98,7 @@ class CachePool:
         # prompt) only when no slot is free.
         if n > 0 and (n >= len(best.tokens) - 1 or n >= self.prompt_len.get(id(best), len(ids)) - 1
                       or n >= len(ids) - 1 or not room):
-            self._drop(best)
+            self.caches.remove(best)
         else:
             best, n = PromptCache.fresh(self.model, mtp=self.mtp), 0
             while self.caches and len(self.caches) + len(self.busy) >= self.size:
@@ -106,6 +107,7 @@ class CachePool:
         return best, n
 
     def _drop(self, pc):
+        """Evict an idle cache (its id may be reused by a later object: its entry goes too)."""
         self.caches.remove(pc)
         self.prompt_len.pop(id(pc), None)
 
@@ -114,15 +116,18 @@ class CachePool:
         self.busy.append(pc)
 
     def release(self, pc, keep: bool = True, prompt_len: int | None = None):
-        """prompt_len: the prompt the cache just served (its tokens past that are the reply)."""
+        """prompt_len: the prompt the cache just served (its tokens past that are the reply); None: it
+        served none (taken, then left untouched), and what it knew stays."""
         if pc in self.busy:
             self.busy.remove(pc)
-        if keep:
-            self.caches.append(pc)
-            if prompt_len is not None:
-                self.prompt_len[id(pc)] = prompt_len
-            while len(self.caches) > self.size:
-                self._drop(self.caches[0])
+        if not keep:
+            self.prompt_len.pop(id(pc), None)
+            return
+        self.caches.append(pc)
+        if prompt_len is not None:
+            self.prompt_len[id(pc)] = prompt_len
+        while len(self.caches) > self.size:
+            self._drop(self.caches[0])
 
 
 @dataclass
