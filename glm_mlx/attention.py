@@ -65,6 +65,35 @@ def chunks(n: int, size: int):
     return [(s, min(n, s + size)) for s in range(0, n, max(1, size))]
 
 
+def select_top_k(scores: mx.array, k: int) -> mx.array:
+    """scores [..., T] -> positions of each row's k largest [..., k] int32 (unordered); the same set as
+    argpartition (ties broken either way).
+
+    Two stages, each partitioning far fewer than T values: split a row into blocks of b, keep the k
+    blocks with the largest maxima, then partition their k*b values. Exact: a block holding one of the
+    k largest values has a maximum that fewer than k other blocks exceed. With b ~ sqrt(T/k) a row
+    partitions T/b + k*b ~ 2 sqrt(T*k) values (2,900 -> ~860 for glm-mini; 100K -> ~29K for GLM-5.1),
+    about 1.7x faster on the CPU backend, at every prefill chunk and decode step past index_topk.
+    Rows with fewer than k finite scores (causal or padding -inf) may pick a position twice or the
+    last one; those picks are -inf, and the callers mask them."""
+    T = scores.shape[-1]
+    b = math.isqrt(T // k) if T >= k else 0
+    if b < 2:
+        return mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k].astype(mx.int32)
+    lead, m = scores.shape[:-1], T // b
+    maxima = scores[..., : m * b].reshape(*lead, m, b).max(axis=-1)  # [..., m]
+    if m * b < T:  # the tail, a shorter block
+        maxima = mx.concatenate([maxima, scores[..., m * b :].max(axis=-1, keepdims=True)], axis=-1)
+    n = maxima.shape[-1]
+    blocks = mx.argpartition(maxima, kth=n - k, axis=-1)[..., n - k :]  # [..., k]: largest last, no negated copy
+    pos = (blocks[..., None] * b + mx.arange(b, dtype=blocks.dtype)).reshape(*lead, k * b)  # [..., k, b] -> [..., k*b]
+    inside = pos < T  # the tail block's positions past the row
+    pos = mx.minimum(pos, T - 1)
+    cand = mx.where(inside, mx.take_along_axis(scores, pos, axis=-1), -mx.inf)  # [..., k*b]
+    pick = mx.argpartition(cand, kth=k * b - k, axis=-1)[..., k * b - k :]  # [..., k]
+    return mx.take_along_axis(pos, pick, axis=-1).astype(mx.int32)
+
+
 class Indexer(nn.Module):
     """Scores every cached key for each query and returns the top-k positions ([B, L, k] int32)."""
 
@@ -121,7 +150,7 @@ class Indexer(nn.Module):
             score = self._score(qc, w[:, s:e], k, Tc)  # [B, Lc, Tc]
             if e - s > 1:
                 score = mx.where(causal_mask(e - s, Tc), score, -mx.inf)
-            out.append(mx.argpartition(-score, kth=self.topk - 1, axis=-1)[..., : self.topk].astype(mx.int32))
+            out.append(select_top_k(score, self.topk))
         return out[0] if len(out) == 1 else mx.concatenate(out, axis=1)
 
     def batch_topk(self, x, qr, offsets: mx.array, cache, valid: mx.array) -> mx.array | None:
@@ -139,8 +168,7 @@ class Indexer(nn.Module):
         if not isinstance(keys, tuple):
             keys = keys[:, 0].astype(mx.float32)  # [B, Tcap, D]
         score = self._score(q, w, keys, cache.capacity)  # [B, 1, Tcap]
-        score = mx.where(valid[:, None, :], score, -mx.inf)
-        return mx.argpartition(-score, kth=self.topk - 1, axis=-1)[..., : self.topk].astype(mx.int32)
+        return select_top_k(mx.where(valid[:, None, :], score, -mx.inf), self.topk)
 
     def _score(self, q, w, k, Tc: int) -> mx.array:
         """q [B, Lc, h, D] f32, w [B, Lc, h], keys [B, T, D] f32 (or 8-bit [B, 1, T, .] triple)

@@ -84,14 +84,19 @@ def test_indexer_chunking_selects_the_same_keys(fixture):
     x = model.layers[0].input_layernorm(x)
     qr = attn.q_a_layernorm(attn.q_a_proj(x))
     picks = []
+    causal = np.arange(toks.shape[1])[:, None]  # query i sees keys 0..i
     for chunk in (None, 1, 4, 7):
         attn.indexer.query_chunk = chunk
-        picks.append(np.sort(np.array(attn.indexer(x, qr, 0, None)), axis=-1))
+        p = np.array(attn.indexer(x, qr, 0, None))
+        # Picks past a query's own position (a query with fewer than k causal keys gets some) are
+        # masked by attention: which ones is arbitrary.
+        picks.append(np.sort(np.where(p <= causal, p, -1), axis=-1))
     attn.indexer.query_chunk = None
     for p in picks[1:]:
         np.testing.assert_array_equal(p, picks[0])
-    # Queries with fewer than k causal keys select all of them (and maybe later ones, masked).
-    assert (picks[0][0, : TOPK - 1] == np.arange(TOPK)).all()
+    # Queries with fewer than k causal keys select all of them.
+    for i in range(TOPK - 1):
+        assert set(range(i + 1)) <= set(picks[0][0, i].tolist())
 
 
 def test_default_path_is_sparse_past_index_topk():
