@@ -76,6 +76,24 @@ def test_next_turn_reuses_its_conversation_when_the_reply_comes_back_rendered_ot
         assert server.stop() == 0
 
 
+def test_conversations_restored_from_the_prefix_cache_do_not_crowd_out_live_ones(cache_dir):
+    """Three conversations share a head in three cache slots: the 2nd and 3rd start from the prefix
+    cache's blocks, and each keeps one slot (no empty cache left behind per restore), so the first
+    conversation's next turn still continues its own cache: the whole previous prompt is reused, not
+    only the whole blocks of it."""
+    server = Server("--cache-dir", cache_dir, "--cache-block", "16", "--cache-slots", "3", "--max-batch", "1").start()
+    try:
+        answer, n, _, _ = ask(server, "Name a king.")
+        for other in ("Name a queen.", "Name a river."):
+            _, _, cached, _ = ask(server, other)
+            assert cached % 16 == 15  # restored from the blocks
+        history = [{"role": "user", "content": "Name a king."}, {"role": "assistant", "content": answer}]
+        _, _, cached, _ = ask(server, "And another?", history)
+        assert cached >= n - 2, (cached, n)
+    finally:
+        assert server.stop() == 0
+
+
 def test_port_in_use_is_a_clean_error():
     import socket
     import subprocess

@@ -74,7 +74,7 @@ class Job:
 
 
 class CachePool:
-    """A few prompt caches; a request takes the idle one sharing the longest prefix with its prompt
+    """A few prompt caches; a request continues the idle one sharing the longest prefix with its prompt
     (else a fresh one, evicting the least recently used idle one). A cache in use by a running
     sequence is never handed out twice. Lives in the worker thread only."""
 
@@ -85,9 +85,10 @@ class CachePool:
         # id(cache) -> length of the prompt it last served, for every cache the pool holds (idle or busy)
         self.prompt_len: dict[int, int] = {}
 
-    def take(self, ids: list[int]):
-        """-> (cache, tokens of `ids` it already holds)."""
-        from ..prompt_cache import PromptCache, common_prefix
+    def match(self, ids: list[int]):
+        """-> (the idle cache to continue, tokens of `ids` it holds), or (None, 0). Nothing is taken yet:
+        the caller may still prefer the prefix cache, and then no conversation was evicted for it."""
+        from ..prompt_cache import common_prefix
 
         n, best = max(((common_prefix(pc.tokens, ids), pc) for pc in self.caches), key=lambda x: x[0], default=(0, None))
         room = len(self.caches) + len(self.busy) < self.size
@@ -98,26 +99,35 @@ class CachePool:
         # prompt) only when no slot is free.
         if n > 0 and (n >= len(best.tokens) - 1 or n >= self.prompt_len.get(id(best), len(ids)) - 1
                       or n >= len(ids) - 1 or not room):
-            self.caches.remove(best)
-        else:
-            best, n = PromptCache.fresh(self.model, mtp=self.mtp), 0
-            while self.caches and len(self.caches) + len(self.busy) >= self.size:
-                self._drop(self.caches[0])
-        self.busy.append(best)
-        return best, n
+            return best, n
+        return None, 0
+
+    def take(self, pc):
+        """An idle cache `match` chose, now in use."""
+        self.caches.remove(pc)
+        self.busy.append(pc)
+        return pc
+
+    def fresh(self):
+        """A new empty cache, in use (the least recently used idle ones make room)."""
+        from ..prompt_cache import PromptCache
+
+        return self.adopt(PromptCache.fresh(self.model, mtp=self.mtp))
+
+    def adopt(self, pc):
+        """A cache built elsewhere (restored from the prefix cache) joins the pool, in use."""
+        while self.caches and len(self.caches) + len(self.busy) >= self.size:
+            self._drop(self.caches[0])
+        self.busy.append(pc)
+        return pc
 
     def _drop(self, pc):
         """Evict an idle cache (its id may be reused by a later object: its entry goes too)."""
         self.caches.remove(pc)
         self.prompt_len.pop(id(pc), None)
 
-    def adopt(self, pc):
-        """A cache built elsewhere (restored from the prefix cache) joins the pool, in use."""
-        self.busy.append(pc)
-
     def release(self, pc, keep: bool = True, prompt_len: int | None = None):
-        """prompt_len: the prompt the cache just served (its tokens past that are the reply); None: it
-        served none (taken, then left untouched), and what it knew stays."""
+        """prompt_len: the prompt the cache just served (its tokens past that are the reply)."""
         if pc in self.busy:
             self.busy.remove(pc)
         if not keep:
@@ -256,18 +266,12 @@ class Worker(threading.Thread):
     def _cache_for(self, prompt: list[int]):
         """(prompt cache, tokens of it read from disk): a live conversation's cache, or the prefix
         cache's blocks when they cover more of the prompt."""
-        pc, held = self.pool.take(prompt)
-        if self.prefix is None:
-            return pc, 0
-        live = min(held, len(prompt) - 1)
-        if self.prefix.lookup(prompt) - 1 <= live:
-            return pc, 0
-        restored, st = self.prefix.restore(prompt)
-        if restored is None:
-            return pc, 0
-        self.pool.release(pc)  # untouched: back to the pool
-        self.pool.adopt(restored)
-        return restored, st.get("disk_tokens", 0)
+        pc, held = self.pool.match(prompt)
+        if self.prefix is not None and self.prefix.lookup(prompt) - 1 > min(held, len(prompt) - 1):
+            restored, st = self.prefix.restore(prompt)
+            if restored is not None:
+                return self.pool.adopt(restored), st.get("disk_tokens", 0)
+        return (self.pool.take(pc) if pc is not None else self.pool.fresh()), 0
 
     def _save_prefix(self, pc):
         if self.prefix is not None:
