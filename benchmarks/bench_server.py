@@ -223,12 +223,23 @@ def summary(records: list[dict]) -> dict:
 
 
 def float32_copy(model: Path, out: Path) -> Path:
-    stale = (out / "config.json").exists() and (model / "model.safetensors").stat().st_mtime > (out / "config.json").stat().st_mtime
-    if stale:
+    """Every tensor of the checkpoint cast to float32, the MTP layer included (mlx_lm convert drops it:
+    glm-mlx would then serve without MTP). mlx-lm loads the same files (its sanitize drops the MTP layer)."""
+    import mlx.core as mx
+
+    marker = out / "config.json"
+    if marker.exists() and max(f.stat().st_mtime for f in model.glob("*.safetensors")) > marker.stat().st_mtime:
         shutil.rmtree(out)
-    if not (out / "config.json").exists():
-        subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(model), "--mlx-path", str(out),
-                        "--dtype", "float32"], check=True, stdout=subprocess.DEVNULL)
+    if not marker.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        for f in model.iterdir():
+            if f.suffix == ".safetensors":
+                mx.save_safetensors(str(out / f.name), {k: v.astype(mx.float32) for k, v in mx.load(str(f)).items()},
+                                    metadata={"format": "pt"})
+            elif f.is_file() and f.name != "config.json":
+                shutil.copy(f, out / f.name)
+        config = json.loads((model / "config.json").read_text())
+        marker.write_text(json.dumps({**config, "dtype": "float32", "torch_dtype": "float32"}, indent=1))
     return out
 
 

@@ -154,21 +154,22 @@ class Indexer(nn.Module):
         return out[0] if len(out) == 1 else mx.concatenate(out, axis=1)
 
     def batch_topk(self, x, qr, offsets: mx.array, cache, valid: mx.array) -> mx.array | None:
-        """Batched decoding (one token per sequence, offsets [B]): write the keys, then each row's own
-        top-k over its own tokens ([B, 1, k]; a row shorter than k also gets padding picks, which the
-        caller masks), or None while every row is within index_topk (dense is exact)."""
-        B = x.shape[0]
+        """Batched decoding (L new tokens per sequence, offsets [B]): write the keys, then each query's
+        own top-k over its own sequence's tokens ([B, L, k]; a query that sees fewer than k also gets
+        padding picks, which the caller masks), or None while every row is within index_topk (dense is
+        exact). valid [B, L, Tcap]: the keys each query sees."""
+        B, L = x.shape[:2]
         keys = cache.update_index(self.stored_keys(self.keys(x, offsets)))
         if cache.max_length <= self.topk:
             return None
         h, D = self.n_heads, self.head_dim
-        q = self.wq_b(qr).reshape(B, 1, h, D).transpose(0, 2, 1, 3)
-        q = self.rope(q, offset=offsets).transpose(0, 2, 1, 3).astype(mx.float32)  # [B, 1, h, D]
-        w = self.weights_proj(x).astype(mx.float32) * (h**-0.5 * D**-0.5)  # [B, 1, h]
+        q = self.wq_b(qr).reshape(B, L, h, D).transpose(0, 2, 1, 3)
+        q = self.rope(q, offset=offsets).transpose(0, 2, 1, 3).astype(mx.float32)  # [B, L, h, D]
+        w = self.weights_proj(x).astype(mx.float32) * (h**-0.5 * D**-0.5)  # [B, L, h]
         if not isinstance(keys, tuple):
             keys = keys[:, 0].astype(mx.float32)  # [B, Tcap, D]
-        score = self._score(q, w, keys, cache.capacity)  # [B, 1, Tcap]
-        return select_top_k(mx.where(valid[:, None, :], score, -mx.inf), self.topk)
+        score = self._score(q, w, keys, cache.capacity)  # [B, L, Tcap]
+        return select_top_k(mx.where(valid, score, -mx.inf), self.topk)
 
     def _score(self, q, w, k, Tc: int) -> mx.array:
         """q [B, Lc, h, D] f32, w [B, Lc, h], keys [B, T, D] f32 (or 8-bit [B, 1, T, .] triple)
@@ -284,23 +285,25 @@ class MLAttention(nn.Module):
         return out, topk
 
     def _attend_batch(self, x, qr, q_nope, q_pe, latent, k_pe, cache: BatchLayerCache, prev_topk):
-        """One new token per sequence (L = 1), each at its own offset in a shared padded buffer: the
-        same paths as one sequence (dense while every row is within index_topk, else sparse), with
-        each row's padding masked out and each row's own DSA selection."""
+        """L new tokens per sequence (one per decode step; two when MTP verifies a draft), each sequence at
+        its own offset in a shared padded buffer: the same paths as one sequence (dense while every row
+        is within index_topk, else sparse), with each row's padding masked out and each query's own DSA
+        selection over its own sequence's tokens."""
+        L = x.shape[1]
         offsets = cache.offsets  # [B]
         q_pe = self.rope(q_pe, offset=offsets)
-        k_pe = self.rope(k_pe[:, None], offset=offsets)  # [B, 1, 1, R]
+        k_pe = self.rope(k_pe[:, None], offset=offsets)  # [B, 1, L, R]
         kv = cache.update_kv(latent, k_pe)  # [B, 1, Tcap, C+R]
-        valid = cache.valid()  # [B, Tcap]
+        valid = cache.valid(L)  # [B, L, Tcap]
         if self.indexer is not None:
             topk = self.indexer.batch_topk(x, qr, offsets, cache, valid)
         else:
             topk = prev_topk
         if topk is None:  # every row within index_topk: dense over its own tokens
             rows = kv.rows() if isinstance(kv, QuantizedKV) else kv
-            return self._attend_latent(q_nope, q_pe, rows, valid[:, None, None, :], n_keys=cache.max_length), None
-        chosen = mx.take_along_axis(valid, topk[:, 0], axis=-1)  # [B, k]: a short row's picks past its end
-        return self._attend_sparse(q_nope, q_pe, kv, topk, valid=chosen[:, None, None, :]), topk
+            return self._attend_latent(q_nope, q_pe, rows, valid[:, None], n_keys=cache.max_length), None
+        chosen = mx.take_along_axis(valid, topk, axis=-1)  # [B, L, k]: picks a query does not see are masked
+        return self._attend_sparse(q_nope, q_pe, kv, topk, valid=chosen[:, :, None, :]), topk
 
     def _use_sparse(self, L: int, T: int, k: int) -> bool:
         if self.path != "auto":

@@ -10,12 +10,16 @@ sequence's PromptCache when it leaves (or the group dissolves for a lone MTP seq
 A new prompt prefills one chunk per step (`Engine.prefill_chunks`) between decode steps, so the
 running streams do not stall behind a long prompt.
 
-MTP: a sequence decoding alone (nothing else decoding or prefilling) uses MTP speculative decoding
-(the engine's own `_decode_mtp`). While the batch holds more than one sequence MTP is off and each
-step keeps every sequence's MTP cache fed (`feed_mtp`), so a sequence that is alone again drafts at
-once. When a second sequence arrives, the drafting generator is closed (its caches settle) and the
-sequence rejoins through a one- or two-token prefill of its own tokens. Greedy output is the same
-either way: MTP's greedy output equals plain greedy decoding.
+MTP: a sequence decoding alone (the only one) uses the engine's own MTP speculative decoding
+(`_decode_mtp`, num_draft drafts). In a batch MTP keeps working with per-sequence acceptance
+(`_mtp_step`, one draft per sequence): each pass verifies every member's [last token, draft] ([B, 2]),
+a member whose draft matches its greedy token emits two tokens and the others one (their draft's
+cache row is dropped), and the MTP layer writes each member's slots and drafts for the next pass in
+the same graph, so a pass syncs the host once. Members that cannot draft (sampled, logits processors,
+logprobs) take one token per step from their own sampler in the same pass. When a second sequence
+arrives, a lone drafting generator is closed (its caches settle) and the sequence rejoins through a
+one- or two-token prefill of its own tokens. Greedy output is the same either way: MTP's greedy output
+equals plain greedy decoding.
 
 Knows nothing of text: the caller turns tokens into text and says when a sequence is done.
 """
@@ -30,6 +34,7 @@ import mlx.core as mx
 from .batch_cache import BatchLayerCache
 from .engine import Engine, StepStats
 from .prompt_cache import PromptCache
+from .sampling import verify_drafts
 
 
 @dataclass
@@ -66,7 +71,11 @@ class DecodeGroup:
         self.layers = [BatchLayerCache.of([s.pc.cache[layer] for s in seqs]) for layer in range(n)]
         with_mtp = all(s.pc.mtp_cache is not None for s in seqs)
         self.mtp = BatchLayerCache.of([s.pc.mtp_cache for s in seqs]) if with_mtp else None
+        # [B, 1, hidden]: h at each member's last position. Plain state: its MTP slot waits for the next
+        # token. Drafting state (`ahead`, after an MTP step): its slot is written, paired with the token
+        # to verify next (not in the member's tokens yet), and `drafts` [B] holds each row's draft.
         self.pending = mx.concatenate([s.pc.pending for s in seqs], axis=0) if with_mtp else None
+        self.ahead, self.drafts, self.draft_logits = False, None, None  # drafts [B], their MTP logits [B, V]
 
     @staticmethod
     def accepts(seqs: list[Sequence]) -> bool:
@@ -83,6 +92,8 @@ class DecodeGroup:
             for layer, cache in zip(self.layers, s.pc.cache):
                 BatchLayerCache.store(cache, layer.rows(b))
             if self.mtp is not None:
+                if self.ahead:  # settle: the drafted-ahead slot pairs with a token not in the cache
+                    self.mtp.trim(b, 1)
                 BatchLayerCache.store(s.pc.mtp_cache, self.mtp.rows(b))
                 s.pc.pending = self.pending[b : b + 1]
 
@@ -140,8 +151,8 @@ class BatchEngine:
     # --- one scheduler step -------------------------------------------------------------------
     def step(self, first_tokens=None) -> list[tuple[object, int, list | None]]:
         """One prefill chunk (the oldest prefilling sequence) and one decode step for the others.
-        Returns the tokens produced: (key, token, logprobs or None), at most one per sequence, except
-        a sequence that finishes its prefill, which may also decode in the same step.
+        Returns the tokens produced: (key, token, logprobs or None), one or two per decoding sequence
+        (two where a batched MTP pass accepted its draft), and a just-prefilled sequence's first.
         `first_tokens(tokens)`, if given, receives a just-prefilled sequence's first token before the
         others' decode step runs (and it is then not returned): its time to first token does not
         include that step."""
@@ -166,7 +177,9 @@ class BatchEngine:
         decoding = [s for s in self.seqs if not s.prefilling and s.key not in just_prefilled]
         if not decoding:
             return out
-        alone = len(decoding) == 1 and not any(s.prefilling for s in self.seqs)
+        # Alone: the only sequence (one that just prefilled or rejoined decodes with it next step; counting
+        # it out here would send the other to MTP alone and back through a rejoin prefill every step).
+        alone = len(decoding) == 1 and len(self.seqs) == 1
         seq = decoding[0]
         if alone and seq.engine.mtp and seq.pc.mtp_cache is not None:
             self._dissolve()
@@ -230,6 +243,8 @@ class BatchEngine:
                 raise RuntimeError("sequences in different MTP states cannot decode together")
             self.group = DecodeGroup(self.model, decoding)
         g = self.group
+        if g.mtp is not None and any(self._drafts(s) for s in decoding):
+            return self._mtp_step(decoding)
         toks = mx.array([[s.generated[-1]] for s in decoding])  # [B, 1]
         logits, hidden = self.model(toks, cache=g.layers, return_hidden=True)  # [B, 1, V], [B, 1, hidden]
         if g.mtp is not None:  # MTP slot at each previous position pairs its h with this token
@@ -251,3 +266,89 @@ class BatchEngine:
         mx.eval([t for t, _ in results] + [lp for _, lp in results if lp is not None] + g.arrays())
         return [self._emit(s, tok[0].item(), None if lp is None else lp[0].tolist())
                 for s, (tok, lp) in zip(decoding, results)]
+
+    # --- MTP in a batch ----------------------------------------------------------------------------
+    @staticmethod
+    def _drafts(seq: Sequence) -> bool:
+        """Whether a member drafts in a batch: MTP on, no logits processors (they need the host history
+        per drafted position), no logprobs (they come from plain decoding). Others take one token per
+        step from their own sampler."""
+        e = seq.engine
+        return e.mtp and not e.sampler.processors and e.logprobs is None
+
+    def _sample_drafts(self, decoding: list[Sequence], logits: mx.array) -> mx.array:
+        """[B, V] MTP logits -> each member's draft [B]: greedy members' argmax in one op, sampled drafting
+        ones from their own sampler (the distribution verification compares against). A member that
+        does not draft gets a filler (its sampler's random numbers are for its own tokens)."""
+        drafts = mx.argmax(logits, axis=-1).astype(mx.int32)
+        rows = [b for b, s in enumerate(decoding) if self._drafts(s) and not s.engine.sampler.params.greedy]
+        if not rows:
+            return drafts
+        sampled = {b: decoding[b].engine.sampler.sample(logits[b : b + 1]).astype(mx.int32) for b in rows}
+        return mx.concatenate([sampled[b] if b in sampled else drafts[b : b + 1] for b in range(len(decoding))])
+
+    def _mtp_step(self, decoding: list[Sequence]):
+        """One MTP pass for the batch, each sequence accepting its own draft: every row verifies [its last
+        token, its draft] in one main-model pass ([B, 2]); a row whose draft is accepted (greedy: it is
+        the argmax; sampled: speculative-sampling verification) emits two tokens, the others one and
+        drop the draft's cache row. The MTP layer then writes each row's slots and drafts from the row
+        that pairs h with the token to verify next, so the next pass needs no draft step."""
+        g, model = self.group, self.model
+        B = len(decoding)
+        y = mx.array([s.generated[-1] for s in decoding], dtype=mx.int32)  # [B]
+        if not g.ahead:  # from the plain state: draft from each row's pending h and its last token
+            h = model.mtp_hidden(g.pending, y[:, None], cache=g.mtp)  # [B, 1, hidden]
+            g.draft_logits = model.lm_head(h[:, 0])  # [B, V]
+            g.drafts = self._sample_drafts(decoding, g.draft_logits)
+        d = g.drafts
+        logits, hidden = model(mx.stack([y, d], axis=1), cache=g.layers, return_hidden=True)  # [B, 2, V], [B, 2, hidden]
+        for s in decoding:
+            s.pc.tokens.append(s.generated[-1])
+        greedy = mx.argmax(logits, axis=-1).astype(mx.int32)  # [B, 2]
+        drafting = [self._drafts(s) for s in decoding]
+        # Per row: [accepted, the token after y, the token after the draft]. Greedy drafting rows share
+        # the argmax; sampled ones verify with their own sampler; the rest sample once and never accept.
+        verdict, lps = {}, {}
+        for b, s in enumerate(decoding):
+            if not drafting[b]:
+                tok, lp = self._sample(s, logits[b, :1])
+                verdict[b] = mx.concatenate([mx.zeros(1, mx.int32), tok.astype(mx.int32), tok.astype(mx.int32)])
+                if lp is not None:
+                    lps[b] = lp
+            elif not s.engine.sampler.params.greedy:
+                ok, corr, bonus = verify_drafts(s.engine.sampler, logits[b], g.draft_logits[b : b + 1], d[b : b + 1])
+                verdict[b] = mx.stack([ok, mx.where(ok == 1, d[b], corr), bonus])
+        if verdict:
+            plain = mx.stack([(greedy[:, 0] == d).astype(mx.int32), greedy[:, 0], greedy[:, 1]], axis=1)  # [B, 3]
+            table = mx.stack([verdict[b] if b in verdict else plain[b] for b in range(B)])  # [B, 3]
+        else:
+            table = mx.stack([(greedy[:, 0] == d).astype(mx.int32), greedy[:, 0], greedy[:, 1]], axis=1)
+        acc, first, second = table[:, 0] == 1, table[:, 1], table[:, 2]  # [B] each
+        # MTP slots: h at y pairs with the token after it, h at the draft with the token after that
+        # (a rejected row's second slot is filler, trimmed below); draft from the row that pairs with
+        # the token to verify next.
+        pair = mx.where(acc[:, None], mx.stack([d, second], axis=1), mx.stack([first, first], axis=1))  # [B, 2]
+        h2 = model.mtp_hidden(hidden, pair, cache=g.mtp)  # [B, 2, hidden]
+        row = acc.astype(mx.int32)[:, None, None]  # [B, 1, 1]: 1 where accepted
+        g.draft_logits = model.lm_head(mx.take_along_axis(h2, row, axis=1)[:, 0])  # [B, V]
+        g.drafts = self._sample_drafts(decoding, g.draft_logits)
+        g.pending, g.ahead = mx.take_along_axis(hidden, row, axis=1), True  # [B, 1, hidden]
+        mx.eval(table, g.drafts, g.draft_logits, g.pending, *lps.values(), *g.arrays())
+        table, drafts = table.tolist(), d.tolist()
+        out = []
+        for b, s in enumerate(decoding):
+            accepted, nxt, after = table[b]
+            s.stats.main_passes += 1
+            if drafting[b]:
+                s.stats.drafted += 1
+                s.stats.accepted += accepted
+            if accepted:
+                s.pc.tokens.append(drafts[b])
+                out.append(self._emit(s, drafts[b], None))
+                if len(s.generated) < s.max_tokens:  # at max_tokens the caller ends the sequence here
+                    out.append(self._emit(s, after, None))
+            else:
+                for layer in g.layers + [g.mtp]:
+                    layer.trim(b, 1)
+                out.append(self._emit(s, nxt, lps[b][0].tolist() if b in lps else None))
+        return out

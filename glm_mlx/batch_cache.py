@@ -104,9 +104,9 @@ class BatchLayerCache:
     def arrays(self) -> list[mx.array]:
         return [*self.kv, *self.index]
 
-    def _grow(self):
+    def _grow(self, n: int):
         T = self.capacity
-        if self.max_length + 1 <= T:
+        if self.max_length + n <= T:
             return
         extra = GROWTH_STEP
 
@@ -117,13 +117,18 @@ class BatchLayerCache:
         self.index = [grow(p) for p in self.index]
 
     def _scatter(self, buf: mx.array, new: mx.array, pos: mx.array) -> mx.array:
-        buf[mx.arange(buf.shape[0]), 0, pos] = new[:, 0, 0]  # new [B, 1, 1, D] -> row b at pos[b]
+        B, L = new.shape[0], new.shape[2]
+        if L == 1:
+            buf[mx.arange(B), 0, pos] = new[:, 0, 0]  # new [B, 1, 1, D] -> row b at pos[b]
+        else:  # new [B, 1, L, D] -> row b at pos[b] .. pos[b] + L - 1
+            buf[mx.arange(B)[:, None], 0, pos[:, None] + mx.arange(L)] = new[:, 0]
         return buf
 
     def update_kv(self, latent: mx.array, k_pe: mx.array):
-        """Write each sequence's one new token ([B, 1, 1, C], [B, 1, 1, R]); return the whole buffer
-        (a QuantizedKV of it with kv_bits)."""
-        self._grow()
+        """Write each sequence's L new tokens ([B, 1, L, C], [B, 1, L, R]: one per decode step, two
+        when MTP verifies a draft); return the whole buffer (a QuantizedKV of it with kv_bits)."""
+        L = latent.shape[2]
+        self._grow(L)
         self.latent_dim = latent.shape[-1]
         self._pos = self.offsets
         if self.kv_bits:
@@ -131,7 +136,7 @@ class BatchLayerCache:
         else:
             parts = (mx.concatenate([latent, k_pe], axis=-1),)
         self.kv = [self._scatter(buf, p, self._pos) for buf, p in zip(self.kv, parts)]
-        self.lengths = [n + 1 for n in self.lengths]
+        self.lengths = [n + L for n in self.lengths]
         if self.kv_bits:
             return QuantizedKV(*self.kv, self.kv_bits, self.kv_group_size)
         return self.kv[0]
@@ -142,6 +147,12 @@ class BatchLayerCache:
         self.index = [self._scatter(buf, p, self._pos) for buf, p in zip(self.index, parts)]
         return tuple(self.index) if isinstance(keys, tuple) else self.index[0]
 
-    def valid(self) -> mx.array:
-        """[B, Tcap] bool: which rows hold a token (after this step's write)."""
-        return mx.arange(self.capacity)[None, :] < mx.array(self.lengths)[:, None]
+    def valid(self, L: int = 1) -> mx.array:
+        """[B, L, Tcap] bool, after this step's write of L tokens per sequence: the keys new token j of
+        sequence b sees (its own rows up to itself)."""
+        last = mx.array(self.lengths)[:, None] - L + mx.arange(L)  # [B, L]: each new token's position
+        return mx.arange(self.capacity)[None, None, :] <= last[:, :, None]
+
+    def trim(self, b: int, n: int):
+        """Drop sequence b's last n rows (a rejected draft); the buffer keeps them, masked, until overwritten."""
+        self.lengths[b] -= n

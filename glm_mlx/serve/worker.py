@@ -146,6 +146,7 @@ class _Running:
     text: object  # generate.TextStream
     ttft: float | None = None
     disk_tokens: int = 0
+    emitted: int = 0  # tokens passed on (a batched MTP step may produce two; the second may come after the end)
 
 
 def _free_streams():
@@ -301,11 +302,14 @@ class Worker(threading.Thread):
 
     def _emit(self, emitted):
         for job, tok, lp in emitted:
-            run = self.running[job]
+            run = self.running.get(job)
+            if run is None:  # it ended at the previous token of this step (a stop string or id)
+                continue
             first = run.ttft is None
             if first:
                 run.ttft = time.perf_counter() - job.submitted
-            text, reason, hit = run.text.push(tok, len(run.seq.generated))
+            run.emitted += 1
+            text, reason, hit = run.text.push(tok, run.emitted)
             job.events.put(Delta(text, tok, lp, run.seq.stats.reused_tokens if first else None))
             if reason is not None:
                 self._finish(job, "stop_sequence" if hit is not None else reason, hit)
@@ -321,7 +325,7 @@ class Worker(threading.Thread):
         if reason == "error":
             return
         st = seq.stats
-        n = len(seq.generated)
+        n = run.emitted
         job.events.put(Finished(
             reason, stop_sequence, len(seq.prompt), st.reused_tokens, n, run.ttft or 0.0,
             st.prompt_tokens / st.prompt_time if st.prompt_time else 0.0,
