@@ -12,9 +12,9 @@ SYSTEM = {"role": "system", "content": "You are a careful assistant who answers 
 NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}
 
 
-def ask(server, question, history=()):
+def ask(server, question, history=(), system=SYSTEM):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
-    r = client.chat.completions.create(model="m", messages=[SYSTEM, *history, {"role": "user", "content": question}],
+    r = client.chat.completions.create(model="m", messages=[system, *history, {"role": "user", "content": question}],
                                        max_tokens=12, temperature=0, extra_body=NO_THINK)
     d = r.usage.prompt_tokens_details
     return r.choices[0].message.content, r.usage.prompt_tokens, d.cached_tokens, d.model_extra["disk_cached_tokens"]
@@ -77,12 +77,14 @@ def test_next_turn_reuses_its_conversation_when_the_reply_comes_back_rendered_ot
 
 
 def test_conversations_restored_from_the_prefix_cache_do_not_crowd_out_live_ones(cache_dir):
-    """Three conversations share a head in three cache slots: the 2nd and 3rd start from the prefix
-    cache's blocks, and each keeps one slot (no empty cache left behind per restore), so the first
-    conversation's next turn still continues its own cache: the whole previous prompt is reused, not
-    only the whole blocks of it."""
+    """Three cache slots: an unrelated conversation, then three sharing a head. The 2nd and 3rd start
+    from the prefix cache's blocks and take one slot each (no empty cache left behind per restore);
+    the 3rd finds every slot taken and evicts the least recently used (the unrelated one) rather than
+    trim the 1st to the shared head, so the 1st conversation's next turn still continues its own
+    cache: the whole previous prompt is reused, not only the whole blocks of it."""
     server = Server("--cache-dir", cache_dir, "--cache-block", "16", "--cache-slots", "3", "--max-batch", "1").start()
     try:
+        ask(server, "Say hello.", system={"role": "system", "content": "Answer in French, briefly. " * 10})
         answer, n, _, _ = ask(server, "Name a king.")
         for other in ("Name a queen.", "Name a river."):
             _, _, cached, _ = ask(server, other)

@@ -78,8 +78,12 @@ class CachePool:
     (else a fresh one, evicting the least recently used idle one). A cache in use by a running
     sequence is never handed out twice. Lives in the worker thread only."""
 
-    def __init__(self, model, mtp: bool, size: int = 4):
-        self.model, self.mtp, self.size = model, mtp, size
+    def __init__(self, model, mtp: bool, size: int = 4, share_heads: bool = True):
+        """share_heads: with no slot free, trim another conversation's cache to the head it shares with a
+        new prompt (e.g. the system prompt) rather than prefill that head again. Off where a prefix
+        cache serves shared heads: the least recently used idle cache goes instead, and the live
+        conversation keeps its cache."""
+        self.model, self.mtp, self.size, self.share_heads = model, mtp, size, share_heads
         self.caches: list = []  # idle, least recently used first
         self.busy: list = []
         # id(cache) -> length of the prompt it last served, for every cache the pool holds (idle or busy)
@@ -91,12 +95,12 @@ class CachePool:
         from ..prompt_cache import common_prefix
 
         n, best = max(((common_prefix(pc.tokens, ids), pc) for pc in self.caches), key=lambda x: x[0], default=(0, None))
-        room = len(self.caches) + len(self.busy) < self.size
+        room = len(self.caches) + len(self.busy) < self.size or not self.share_heads
         # Continue a conversation: the cache's tokens all prefix this prompt; or this prompt extends the
         # prompt the cache last served, its reply coming back rendered otherwise (reasoning cleared from
         # the history, a tool call re-rendered), so only the reply's rows go; or the cache holds the
         # prompt whole (a retry). Trim another conversation's cache to a shared head (e.g. the system
-        # prompt) only when no slot is free.
+        # prompt) only when no slot is free and no prefix cache holds the head (share_heads).
         if n > 0 and (n >= len(best.tokens) - 1 or n >= self.prompt_len.get(id(best), len(ids)) - 1
                       or n >= len(ids) - 1 or not room):
             return best, n
@@ -205,7 +209,8 @@ class Worker(threading.Thread):
 
         try:
             self.model, self.tokenizer = self.loader()
-            self.pool = CachePool(self.model, self.mtp, max(self.cache_slots, self.max_batch))
+            self.pool = CachePool(self.model, self.mtp, max(self.cache_slots, self.max_batch),
+                                  share_heads=self.make_prefix is None)
             # A pipeline over several Macs replays single-sequence calls only: no batching there.
             self.batch = BatchEngine(self.model, 1 if hasattr(self.model, "on_generate") else self.max_batch,
                                      self.prefill_budget)
