@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from .batch_cache import BatchLayerCache
+from .batch_mtp import ModeChooser, MTPBatching
 from .engine import Engine, StepStats
 from .prompt_cache import PromptCache
-from .sampling import verify_drafts
 
 
 @dataclass
@@ -50,6 +50,7 @@ class Sequence:
     solo: object = None  # the MTP generator while decoding alone
     started: float = 0.0  # when its first token came
     chunk: int | None = None  # its engine's own prefill chunk (the budget may shrink it for a step)
+    draft: tuple | None = None  # (draft [1], its MTP logits [1, V]) while its cache is drafted ahead (pc.ahead)
 
     @property
     def tokens(self) -> list[int]:
@@ -62,54 +63,68 @@ class Sequence:
 
 class DecodeGroup:
     """The decoding sequences' caches as batch buffers: one BatchLayerCache per layer (and for the MTP
-    layer, with the pending hidden states [B, 1, hidden], when every member has an MTP cache)."""
+    layer, with h at each member's last position [B, 1, hidden], when every member has an MTP cache).
 
-    def __init__(self, model, seqs: list[Sequence]):
+    Plain state: each member's MTP slot at its last position waits for the next token (pc.pending).
+    Drafting state (`ahead`, MTP steps): that slot is written, paired with the token to verify next
+    (not in the member's tokens yet; pc.ahead), and `drafts` [B] / `draft_logits` [B, V] hold each
+    member's draft. Members keep the drafting state when the group dissolves (a member joins or
+    leaves), so a rebuilt group drafts on at once."""
+
+    def __init__(self, model, seqs: list[Sequence], ahead: bool = False):
         self.seqs = list(seqs)
         n = model.args.num_hidden_layers
 
         self.layers = [BatchLayerCache.of([s.pc.cache[layer] for s in seqs]) for layer in range(n)]
         with_mtp = all(s.pc.mtp_cache is not None for s in seqs)
         self.mtp = BatchLayerCache.of([s.pc.mtp_cache for s in seqs]) if with_mtp else None
-        # [B, 1, hidden]: h at each member's last position. Plain state: its MTP slot waits for the next
-        # token. Drafting state (`ahead`, after an MTP step): its slot is written, paired with the token
-        # to verify next (not in the member's tokens yet), and `drafts` [B] holds each row's draft.
-        self.pending = mx.concatenate([s.pc.pending for s in seqs], axis=0) if with_mtp else None
-        self.ahead, self.drafts, self.draft_logits = False, None, None  # drafts [B], their MTP logits [B, V]
+        self.ahead = ahead
+        self.pending = mx.concatenate([s.pc.ahead if ahead else s.pc.pending for s in seqs], axis=0) if with_mtp else None
+        self.drafts = mx.concatenate([s.draft[0] for s in seqs]) if ahead else None  # [B]
+        self.draft_logits = mx.concatenate([s.draft[1] for s in seqs]) if ahead else None  # [B, V]
 
     @staticmethod
-    def accepts(seqs: list[Sequence]) -> bool:
-        """Members' MTP state must be uniform and one position behind (as after a prefill or a step)."""
+    def accepts(seqs: list[Sequence], ahead: bool = False) -> bool:
+        """Members' MTP state must be uniform: one position behind (as after a prefill or a plain step),
+        or drafted ahead with a draft each."""
         has = [s.pc.mtp_cache is not None for s in seqs]
         if any(has) and not all(has):
             return False
-        return all(s.pc.pending is not None and s.pc.pending.shape[1] == 1 and
+        if ahead:
+            return all(s.pc.ahead is not None and s.draft is not None and s.pc.pending is None and
+                       s.pc.mtp_cache.offset == len(s.pc.tokens) for s in seqs)
+        return all(s.pc.pending is not None and s.pc.pending.shape[1] == 1 and s.pc.ahead is None and
                    s.pc.mtp_cache.offset == len(s.pc.tokens) - 1 for s in seqs) if all(has) else True
 
     def dissolve(self):
-        """Every member's rows back into its own PromptCache."""
+        """Every member's rows back into its own PromptCache (drafted ahead, with its draft, if the group was)."""
         for b, s in enumerate(self.seqs):
             for layer, cache in zip(self.layers, s.pc.cache):
                 BatchLayerCache.store(cache, layer.rows(b))
             if self.mtp is not None:
-                if self.ahead:  # settle: the drafted-ahead slot pairs with a token not in the cache
-                    self.mtp.trim(b, 1)
                 BatchLayerCache.store(s.pc.mtp_cache, self.mtp.rows(b))
-                s.pc.pending = self.pending[b : b + 1]
+                if self.ahead:
+                    s.pc.ahead, s.pc.pending = self.pending[b : b + 1], None
+                    s.draft = (self.drafts[b : b + 1], self.draft_logits[b : b + 1])
+                else:
+                    s.pc.pending, s.pc.ahead, s.draft = self.pending[b : b + 1], None, None
 
     def arrays(self) -> list[mx.array]:
         caches = self.layers + ([self.mtp] if self.mtp is not None else [])
         return [a for c in caches for a in c.arrays()] + ([self.pending] if self.pending is not None else [])
 
 
-class BatchEngine:
+class BatchEngine(MTPBatching):
     """prefill_budget: prompt tokens prefilled per step while other sequences decode (their streams
     wait that long for each token); None: a whole prefill chunk (the engine's prefill_step)."""
 
-    def __init__(self, model, max_batch: int = 8, prefill_budget: int | None = None):
+    def __init__(self, model, max_batch: int = 8, prefill_budget: int | None = None, modes=None):
+        """modes: what decides, per pass, whether a batch verifies MTP drafts (`choose(batch) -> bool`,
+        `record(mtp, batch, tokens, seconds)`); default a ModeChooser, which measures."""
         self.model, self.max_batch, self.prefill_budget = model, max_batch, prefill_budget
         self.seqs: list[Sequence] = []  # in arrival order
         self.group: DecodeGroup | None = None
+        self.modes = modes or ModeChooser()
 
     def __len__(self):
         return len(self.seqs)
@@ -131,6 +146,8 @@ class BatchEngine:
             if seq.key == key:
                 self._dissolve()
                 self.seqs.remove(seq)
+                seq.pc.settle()  # a drafted-ahead slot pairs with a token that is not in the cache
+                seq.draft = None
                 if seq.solo is not None:
                     seq.solo.close()  # settles the MTP cache (engine's finally)
                     seq.solo = None
@@ -216,6 +233,8 @@ class BatchEngine:
 
     def _solo_token(self, seq: Sequence):
         if seq.solo is None:
+            seq.pc.settle()  # the engine drafts from the plain state
+            seq.draft = None
             stats = seq.stats
             stats.generated = len(seq.generated)
             seq.solo = seq.engine._decode_mtp(seq.pc, seq.generated[-1], seq.max_tokens, stats,
@@ -239,12 +258,26 @@ class BatchEngine:
         """Every decoding sequence's last token in one main-model pass ([B, 1])."""
         if self.group is None or [s.key for s in self.group.seqs] != [s.key for s in decoding]:
             self._dissolve()
-            if not DecodeGroup.accepts(decoding):
+            drafting = all(s.pc.mtp_cache is not None for s in decoding) and any(self._drafts(s) for s in decoding)
+            for s in decoding:  # bring every member to the group's MTP state
+                if drafting and s.pc.ahead is None:
+                    self._draft_ahead(s)
+                elif not drafting:
+                    s.pc.settle()
+                    s.draft = None
+            if not DecodeGroup.accepts(decoding, ahead=drafting):
                 raise RuntimeError("sequences in different MTP states cannot decode together")
-            self.group = DecodeGroup(self.model, decoding)
+            self.group = DecodeGroup(self.model, decoding, ahead=drafting)
         g = self.group
         if g.mtp is not None and any(self._drafts(s) for s in decoding):
-            return self._mtp_step(decoding)
+            self._set_mode(decoding, self.modes.choose(len(decoding)))
+        start = time.perf_counter()
+        out = self._mtp_step(decoding) if g.ahead else self._plain_step(decoding)
+        self.modes.record(g.ahead, len(decoding), len(out), time.perf_counter() - start)
+        return out
+
+    def _plain_step(self, decoding: list[Sequence]):
+        g = self.group
         toks = mx.array([[s.generated[-1]] for s in decoding])  # [B, 1]
         logits, hidden = self.model(toks, cache=g.layers, return_hidden=True)  # [B, 1, V], [B, 1, hidden]
         if g.mtp is not None:  # MTP slot at each previous position pairs its h with this token
@@ -266,89 +299,3 @@ class BatchEngine:
         mx.eval([t for t, _ in results] + [lp for _, lp in results if lp is not None] + g.arrays())
         return [self._emit(s, tok[0].item(), None if lp is None else lp[0].tolist())
                 for s, (tok, lp) in zip(decoding, results)]
-
-    # --- MTP in a batch ----------------------------------------------------------------------------
-    @staticmethod
-    def _drafts(seq: Sequence) -> bool:
-        """Whether a member drafts in a batch: MTP on, no logits processors (they need the host history
-        per drafted position), no logprobs (they come from plain decoding). Others take one token per
-        step from their own sampler."""
-        e = seq.engine
-        return e.mtp and not e.sampler.processors and e.logprobs is None
-
-    def _sample_drafts(self, decoding: list[Sequence], logits: mx.array) -> mx.array:
-        """[B, V] MTP logits -> each member's draft [B]: greedy members' argmax in one op, sampled drafting
-        ones from their own sampler (the distribution verification compares against). A member that
-        does not draft gets a filler (its sampler's random numbers are for its own tokens)."""
-        drafts = mx.argmax(logits, axis=-1).astype(mx.int32)
-        rows = [b for b, s in enumerate(decoding) if self._drafts(s) and not s.engine.sampler.params.greedy]
-        if not rows:
-            return drafts
-        sampled = {b: decoding[b].engine.sampler.sample(logits[b : b + 1]).astype(mx.int32) for b in rows}
-        return mx.concatenate([sampled[b] if b in sampled else drafts[b : b + 1] for b in range(len(decoding))])
-
-    def _mtp_step(self, decoding: list[Sequence]):
-        """One MTP pass for the batch, each sequence accepting its own draft: every row verifies [its last
-        token, its draft] in one main-model pass ([B, 2]); a row whose draft is accepted (greedy: it is
-        the argmax; sampled: speculative-sampling verification) emits two tokens, the others one and
-        drop the draft's cache row. The MTP layer then writes each row's slots and drafts from the row
-        that pairs h with the token to verify next, so the next pass needs no draft step."""
-        g, model = self.group, self.model
-        B = len(decoding)
-        y = mx.array([s.generated[-1] for s in decoding], dtype=mx.int32)  # [B]
-        if not g.ahead:  # from the plain state: draft from each row's pending h and its last token
-            h = model.mtp_hidden(g.pending, y[:, None], cache=g.mtp)  # [B, 1, hidden]
-            g.draft_logits = model.lm_head(h[:, 0])  # [B, V]
-            g.drafts = self._sample_drafts(decoding, g.draft_logits)
-        d = g.drafts
-        logits, hidden = model(mx.stack([y, d], axis=1), cache=g.layers, return_hidden=True)  # [B, 2, V], [B, 2, hidden]
-        for s in decoding:
-            s.pc.tokens.append(s.generated[-1])
-        greedy = mx.argmax(logits, axis=-1).astype(mx.int32)  # [B, 2]
-        drafting = [self._drafts(s) for s in decoding]
-        # Per row: [accepted, the token after y, the token after the draft]. Greedy drafting rows share
-        # the argmax; sampled ones verify with their own sampler; the rest sample once and never accept.
-        verdict, lps = {}, {}
-        for b, s in enumerate(decoding):
-            if not drafting[b]:
-                tok, lp = self._sample(s, logits[b, :1])
-                verdict[b] = mx.concatenate([mx.zeros(1, mx.int32), tok.astype(mx.int32), tok.astype(mx.int32)])
-                if lp is not None:
-                    lps[b] = lp
-            elif not s.engine.sampler.params.greedy:
-                ok, corr, bonus = verify_drafts(s.engine.sampler, logits[b], g.draft_logits[b : b + 1], d[b : b + 1])
-                verdict[b] = mx.stack([ok, mx.where(ok == 1, d[b], corr), bonus])
-        if verdict:
-            plain = mx.stack([(greedy[:, 0] == d).astype(mx.int32), greedy[:, 0], greedy[:, 1]], axis=1)  # [B, 3]
-            table = mx.stack([verdict[b] if b in verdict else plain[b] for b in range(B)])  # [B, 3]
-        else:
-            table = mx.stack([(greedy[:, 0] == d).astype(mx.int32), greedy[:, 0], greedy[:, 1]], axis=1)
-        acc, first, second = table[:, 0] == 1, table[:, 1], table[:, 2]  # [B] each
-        # MTP slots: h at y pairs with the token after it, h at the draft with the token after that
-        # (a rejected row's second slot is filler, trimmed below); draft from the row that pairs with
-        # the token to verify next.
-        pair = mx.where(acc[:, None], mx.stack([d, second], axis=1), mx.stack([first, first], axis=1))  # [B, 2]
-        h2 = model.mtp_hidden(hidden, pair, cache=g.mtp)  # [B, 2, hidden]
-        row = acc.astype(mx.int32)[:, None, None]  # [B, 1, 1]: 1 where accepted
-        g.draft_logits = model.lm_head(mx.take_along_axis(h2, row, axis=1)[:, 0])  # [B, V]
-        g.drafts = self._sample_drafts(decoding, g.draft_logits)
-        g.pending, g.ahead = mx.take_along_axis(hidden, row, axis=1), True  # [B, 1, hidden]
-        mx.eval(table, g.drafts, g.draft_logits, g.pending, *lps.values(), *g.arrays())
-        table, drafts = table.tolist(), d.tolist()
-        out = []
-        for b, s in enumerate(decoding):
-            accepted, nxt, after = table[b]
-            s.stats.main_passes += 1
-            if drafting[b]:
-                s.stats.drafted += 1
-                s.stats.accepted += accepted
-            if accepted:
-                s.pc.tokens.append(drafts[b])
-                out.append(self._emit(s, drafts[b], None))
-                if len(s.generated) < s.max_tokens:  # at max_tokens the caller ends the sequence here
-                    out.append(self._emit(s, after, None))
-            else:
-                for layer in g.layers + [g.mtp]:
-                    layer.trim(b, 1)
-                out.append(self._emit(s, nxt, lps[b][0].tolist() if b in lps else None))
-        return out

@@ -139,6 +139,30 @@ def test_long_prompt_prefills_within_the_budget_while_others_decode(model):
 GLM_MINI = Path(__file__).resolve().parents[1] / "glm_mlx" / "data" / "glm-mini"
 
 
+class Always:
+    """A mode chooser that verifies drafts in every pass (True) or never (False)."""
+
+    def __init__(self, mtp: bool):
+        self.mtp = mtp
+
+    def choose(self, batch):
+        return self.mtp
+
+    def record(self, *args):
+        pass
+
+
+class Alternating(Always):
+    """Switches between MTP passes and plain passes every `every` passes."""
+
+    def __init__(self, every: int):
+        self.every, self.n = every, 0
+
+    def choose(self, batch):
+        self.n += 1
+        return (self.n // self.every) % 2 == 0
+
+
 def test_batched_mtp_accepts_drafts_and_equals_alone():
     """The trained glm-mini drafts well (acceptance ~0.8): in a batch every greedy sequence verifies its
     own draft and emits two tokens where it is accepted, and its output is still exactly what it
@@ -163,7 +187,7 @@ def test_batched_mtp_accepts_drafts_and_equals_alone():
     fresh[len(ps) - 1] = Engine(model, mtp=True)  # alone: greedy
     prompts_all = ps + [ps[1], ps[3]]
     alone = [list(e.generate(p, max_tokens=n)) for e, p in zip(fresh, prompts_all)]
-    be = BatchEngine(model, max_batch=8)
+    be = BatchEngine(model, max_batch=8, modes=Always(True))
     for i, (e, p) in enumerate(zip(engines, prompts_all)):
         be.add(i, p, PromptCache.fresh(model, mtp=True), e, n)
     outs, stats, doubles = {i: [] for i in range(len(engines))}, {}, 0
@@ -180,3 +204,36 @@ def test_batched_mtp_accepts_drafts_and_equals_alone():
     accepted = sum(stats[i].accepted for i in range(len(ps)))
     assert drafted > 0 and accepted >= 0.5 * drafted and doubles >= accepted // 2, (drafted, accepted, doubles)
     assert all(stats[i].drafted == 0 for i in (len(ps), len(ps) + 1))  # the non-drafting members
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_switching_between_mtp_and_plain_passes_keeps_greedy_output(model, every):
+    """The running group switches between verifying drafts and plain passes (as the measured choice
+    does) without a rebuild: every sequence's output is still what it decodes alone."""
+    ps = prompts()
+    alone = [list(Engine(model, mtp=True).generate(p, max_tokens=N)) for p in ps]
+    be = BatchEngine(model, max_batch=8, modes=Alternating(every))
+    for i, p in enumerate(ps):
+        be.add(i, p, PromptCache.fresh(model, mtp=True), Engine(model, mtp=True, prefill_step=8), N)
+    outs = {i: [] for i in range(len(ps))}
+    while len(be):
+        for key, t, _ in be.step():
+            outs[key].append(t)
+            if len(outs[key]) == N:
+                be.remove(key)
+    assert [outs[i] for i in range(len(ps))] == alone
+
+
+def test_mode_chooser_takes_the_faster_and_probes_the_other():
+    from glm_mlx.batch_mtp import ModeChooser
+
+    c = ModeChooser(probe=4)
+    assert c.choose(4) is True  # not measured: MTP first
+    c.record(True, 4, tokens=7, seconds=0.01)  # 700 tok/s
+    assert c.choose(4) is False  # then plain
+    c.record(False, 4, tokens=4, seconds=0.005)  # 800 tok/s
+    picks = [c.choose(4) for _ in range(8)]
+    assert picks.count(True) == 2 and picks[3] is True and picks[7] is True  # the slower, every 4th pass
+    for _ in range(10):
+        c.record(True, 4, tokens=8, seconds=0.008)  # MTP now faster: 1000 tok/s
+    assert c.choose(4) is True and c.choose(8) is True  # another batch size is measured on its own

@@ -1,0 +1,158 @@
+"""MTP speculative decoding inside a running batch, with per-sequence acceptance (BatchEngine's mixin).
+
+Each pass verifies every member's [last token, draft] in one main-model pass ([B, 2]); a member whose
+draft is accepted (greedy: it is the argmax; sampled: speculative-sampling verification with its own
+sampler) emits two tokens, the others one and drop the draft's cache row. The MTP layer then writes
+each member's slots and drafts for the next pass in the same graph (one host sync per pass).
+
+Whether a pass of B sequences should verify drafts at all is measured, not assumed: verifying 2B
+tokens costs more than B (on a CPU the work grows with the rows; on a Mac a batch's second tokens
+pick more experts), and a batch's pass gains 1 + acceptance tokens per member. `ModeChooser` keeps
+the tokens per second each mode gave at each batch size and takes the faster, trying the other now
+and then, so the choice follows the machine, the model and the acceptance of the requests at hand.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import mlx.core as mx
+
+from .sampling import verify_drafts
+
+if TYPE_CHECKING:
+    from .batch import Sequence
+
+
+class ModeChooser:
+    """Per batch size, an average of the tokens per second of MTP passes and of plain passes; choose()
+    takes the faster, trying a mode it has not measured first (MTP, then plain) and the slower one
+    every `probe` passes. ema: the weight of the newest pass."""
+
+    def __init__(self, probe: int = 32, ema: float = 0.25):
+        self.rate: dict[tuple[bool, int], float] = {}
+        self.passes: dict[int, int] = {}
+        self.probe, self.ema = probe, ema
+
+    def choose(self, batch: int) -> bool:
+        mtp, plain = self.rate.get((True, batch)), self.rate.get((False, batch))
+        if mtp is None or plain is None:
+            return mtp is None
+        n = self.passes.get(batch, 0)
+        self.passes[batch] = n + 1
+        best = mtp >= plain
+        return (not best) if n % self.probe == self.probe - 1 else best
+
+    def record(self, mtp: bool, batch: int, tokens: int, seconds: float):
+        if seconds <= 0:
+            return
+        key, r = (mtp, batch), tokens / seconds
+        old = self.rate.get(key)
+        self.rate[key] = r if old is None else (1 - self.ema) * old + self.ema * r
+
+
+class MTPBatching:
+    @staticmethod
+    def _drafts(seq: "Sequence") -> bool:
+        """Whether a member drafts in a batch: MTP on, no logits processors (they need the host history
+        per drafted position), no logprobs (they come from plain decoding). Others take one token per
+        step from their own sampler."""
+        e = seq.engine
+        return e.mtp and not e.sampler.processors and e.logprobs is None
+
+    def _sample_drafts(self, decoding: list["Sequence"], logits: mx.array) -> mx.array:
+        """[B, V] MTP logits -> each member's draft [B]: greedy members' argmax in one op, sampled drafting
+        ones from their own sampler (the distribution verification compares against). A member that
+        does not draft gets a filler (its sampler's random numbers are for its own tokens)."""
+        drafts = mx.argmax(logits, axis=-1).astype(mx.int32)
+        rows = [b for b, s in enumerate(decoding) if self._drafts(s) and not s.engine.sampler.params.greedy]
+        if not rows:
+            return drafts
+        sampled = {b: decoding[b].engine.sampler.sample(logits[b : b + 1]).astype(mx.int32) for b in rows}
+        return mx.concatenate([sampled[b] if b in sampled else drafts[b : b + 1] for b in range(len(decoding))])
+
+    def _draft_ahead(self, seq: "Sequence"):
+        """A member joining a drafting group (plain state, as after its prefill): the MTP layer writes the
+        slot pairing h at its last position with its last token and drafts the token after it."""
+        pc = seq.pc
+        h = self.model.mtp_hidden(pc.pending, mx.array([[seq.generated[-1]]]), cache=pc.mtp_cache)  # [1, 1, hidden]
+        logits = self.model.lm_head(h[:, 0])  # [1, V]
+        seq.draft = (self._sample_drafts([seq], logits), logits)
+        pc.ahead, pc.pending = pc.pending, None
+
+    def _mtp_step(self, decoding: list["Sequence"]):
+        """One MTP pass for the batch, each sequence accepting its own draft: every row verifies [its last
+        token, its draft] in one main-model pass ([B, 2]); a row whose draft is accepted (greedy: it is
+        the argmax; sampled: speculative-sampling verification) emits two tokens, the others one and
+        drop the draft's cache row. The MTP layer then writes each row's slots and drafts from the row
+        that pairs h with the token to verify next, so the next pass needs no draft step."""
+        g, model = self.group, self.model
+        B = len(decoding)
+        y = mx.array([s.generated[-1] for s in decoding], dtype=mx.int32)  # [B]
+        d = g.drafts
+        logits, hidden = model(mx.stack([y, d], axis=1), cache=g.layers, return_hidden=True)  # [B, 2, V], [B, 2, hidden]
+        for s in decoding:
+            s.pc.tokens.append(s.generated[-1])
+        greedy = mx.argmax(logits, axis=-1).astype(mx.int32)  # [B, 2]
+        drafting = [self._drafts(s) for s in decoding]
+        # Per row: [accepted, the token after y, the token after the draft]. Greedy drafting rows share
+        # the argmax; sampled ones verify with their own sampler; the rest sample once and never accept.
+        verdict, lps = {}, {}
+        for b, s in enumerate(decoding):
+            if not drafting[b]:
+                tok, lp = self._sample(s, logits[b, :1])
+                verdict[b] = mx.concatenate([mx.zeros(1, mx.int32), tok.astype(mx.int32), tok.astype(mx.int32)])
+                if lp is not None:
+                    lps[b] = lp
+            elif not s.engine.sampler.params.greedy:
+                ok, corr, bonus = verify_drafts(s.engine.sampler, logits[b], g.draft_logits[b : b + 1], d[b : b + 1])
+                verdict[b] = mx.stack([ok, mx.where(ok == 1, d[b], corr), bonus])
+        if verdict:
+            plain = mx.stack([(greedy[:, 0] == d).astype(mx.int32), greedy[:, 0], greedy[:, 1]], axis=1)  # [B, 3]
+            table = mx.stack([verdict[b] if b in verdict else plain[b] for b in range(B)])  # [B, 3]
+        else:
+            table = mx.stack([(greedy[:, 0] == d).astype(mx.int32), greedy[:, 0], greedy[:, 1]], axis=1)
+        acc, first, second = table[:, 0] == 1, table[:, 1], table[:, 2]  # [B] each
+        # MTP slots: h at y pairs with the token after it, h at the draft with the token after that
+        # (a rejected row's second slot is filler, trimmed below); draft from the row that pairs with
+        # the token to verify next.
+        pair = mx.where(acc[:, None], mx.stack([d, second], axis=1), mx.stack([first, first], axis=1))  # [B, 2]
+        h2 = model.mtp_hidden(hidden, pair, cache=g.mtp)  # [B, 2, hidden]
+        row = acc.astype(mx.int32)[:, None, None]  # [B, 1, 1]: 1 where accepted
+        g.draft_logits = model.lm_head(mx.take_along_axis(h2, row, axis=1)[:, 0])  # [B, V]
+        g.drafts = self._sample_drafts(decoding, g.draft_logits)
+        g.pending, g.ahead = mx.take_along_axis(hidden, row, axis=1), True  # [B, 1, hidden]
+        mx.eval(table, g.drafts, g.draft_logits, g.pending, *lps.values(), *g.arrays())
+        table, drafts = table.tolist(), d.tolist()
+        out = []
+        for b, s in enumerate(decoding):
+            accepted, nxt, after = table[b]
+            s.stats.main_passes += 1
+            if drafting[b]:
+                s.stats.drafted += 1
+                s.stats.accepted += accepted
+            if accepted:
+                s.pc.tokens.append(drafts[b])
+                out.append(self._emit(s, drafts[b], None))
+                if len(s.generated) < s.max_tokens:  # at max_tokens the caller ends the sequence here
+                    out.append(self._emit(s, after, None))
+            else:
+                for layer in g.layers + [g.mtp]:
+                    layer.trim(b, 1)
+                out.append(self._emit(s, nxt, lps[b][0].tolist() if b in lps else None))
+        return out
+
+    def _set_mode(self, decoding: list["Sequence"], mtp: bool):
+        """Switch the running group between plain passes and MTP passes in place: to MTP, the MTP layer
+        writes each member's slot for its last token and drafts (one [B, 1] MTP pass); back, each
+        member's drafted-ahead slot is dropped."""
+        g = self.group
+        if mtp and not g.ahead:
+            y = mx.array([[s.generated[-1]] for s in decoding], dtype=mx.int32)  # [B, 1]
+            h = self.model.mtp_hidden(g.pending, y, cache=g.mtp)  # [B, 1, hidden]
+            g.draft_logits = self.model.lm_head(h[:, 0])  # [B, V]
+            g.drafts, g.ahead = self._sample_drafts(decoding, g.draft_logits), True
+        elif not mtp and g.ahead:
+            for b in range(len(decoding)):
+                g.mtp.trim(b, 1)
+            g.ahead, g.drafts, g.draft_logits = False, None, None
