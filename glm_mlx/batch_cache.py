@@ -45,10 +45,19 @@ class BatchLayerCache:
         T = max(GROWTH_STEP, -(-(max(lengths) + 1) // GROWTH_STEP) * GROWTH_STEP)
 
         def stack(parts):
-            return [mx.concatenate([_pad(p, T) for p in group], axis=0) for group in zip(*parts)]
+            """Per part, the rows padded to T; an empty cache's row (None: it never held a token) takes its
+            shape from another row, and a part no row holds yet stays None until the first write."""
+            out = []
+            for group in zip(*parts):
+                held = next((p for p in group if p is not None), None)
+                out.append(None if held is None else
+                           mx.concatenate([_pad(held[:, :, :0] if p is None else p, T) for p in group], axis=0))
+            return out
 
-        return cls(has_indexer, index_bits, stack([r[0] for r in rows]), stack([r[1] for r in rows]), lengths,
-                   latent_dim, kv_bits, kv_group_size)
+        batch = cls(has_indexer, index_bits, stack([r[0] for r in rows]), stack([r[1] for r in rows]), lengths,
+                    latent_dim, kv_bits, kv_group_size)
+        batch._capacity, batch._B = T, len(rows)
+        return batch
 
     @classmethod
     def of(cls, caches: list[DSACache]) -> "BatchLayerCache":
@@ -63,6 +72,8 @@ class BatchLayerCache:
     def rows_from(cache: DSACache) -> tuple[list[mx.array], list[mx.array]]:
         """A sequence's own cache as (latent-KV parts, indexer parts), its valid rows only."""
         n = cache.offset
+        if n == 0:  # never written: no arrays to take a shape from
+            return [None] * len(cache._kv), [None] * len(cache._index)
         return cache.kv_parts(n), [b.valid(n) for b in cache._index]
 
     def rows(self, b: int) -> tuple[list[mx.array], list[mx.array]]:
@@ -99,25 +110,30 @@ class BatchLayerCache:
     @property
     def capacity(self) -> int:
         """Tcap: rows per sequence in the padded buffers."""
-        return self.kv[0].shape[2]
+        return self._capacity
 
     def arrays(self) -> list[mx.array]:
-        return [*self.kv, *self.index]
+        return [a for a in (*self.kv, *self.index) if a is not None]
 
     def _grow(self, n: int):
         T = self.capacity
         if self.max_length + n <= T:
             return
-        extra = GROWTH_STEP
+        extra = -(-(self.max_length + n - T) // GROWTH_STEP) * GROWTH_STEP
 
         def grow(a):
+            if a is None:
+                return None
             return mx.concatenate([a, mx.zeros(a.shape[:2] + (extra,) + a.shape[3:], a.dtype)], axis=2)
 
         self.kv = [grow(p) for p in self.kv]
         self.index = [grow(p) for p in self.index]
+        self._capacity += extra
 
-    def _scatter(self, buf: mx.array, new: mx.array, pos: mx.array) -> mx.array:
+    def _scatter(self, buf: mx.array | None, new: mx.array, pos: mx.array) -> mx.array:
         B, L = new.shape[0], new.shape[2]
+        if buf is None:  # the first write to caches that held nothing
+            buf = mx.zeros((B, 1, self.capacity, new.shape[-1]), new.dtype)
         if L == 1:
             buf[mx.arange(B), 0, pos] = new[:, 0, 0]  # new [B, 1, 1, D] -> row b at pos[b]
         else:  # new [B, 1, L, D] -> row b at pos[b] .. pos[b] + L - 1

@@ -50,29 +50,33 @@ def serving_plan(p: Plan, max_batch: int | None = None) -> ServingPlan:
 SSD_READ_GBS = 6.0  # Mac Studio internal SSD, sequential read (Apple quotes up to ~7 GB/s)
 
 
-def batch_decode_tok_s(args, recipe, mac, batch: int, context: int, mtp: bool = True) -> float:
+def batch_decode_tok_s(args, recipe, mac, batch: int, context: int, mtp: bool = True,
+                       acceptance: float | None = None) -> float:
     """Aggregate tok/s of `batch` sequences decoding together at `context` tokens each.
 
-    A step reads the shared weights once, each routed expert that any sequence's token picked
-    (expected fraction 1 - (1 - k/n)^B of the experts, routing taken as independent), one embedding
-    row and the KV rows per sequence; and it cannot beat the compute bound (2 flops per active
-    weight per token). Efficiencies are the planner's fitted ones."""
+    A step reads the shared weights once, each routed expert that any token of the step picked
+    (expected fraction 1 - (1 - k/n)^tokens of the experts, routing taken as independent), one embedding
+    row per token and the KV rows per sequence; and it cannot beat the compute bound (2 flops per active
+    weight per token). Efficiencies are the planner's fitted ones.
+    acceptance: with MTP in the batch, each pass verifies a draft per sequence (2 tokens each, the MTP
+    layer drafting the next) and yields 1 + acceptance tokens per sequence; None: plain passes."""
     from .inventory import ROUTED, inventory
     from .planner import calibration, kv_read_bytes, price
 
     w = price(args, recipe, mtp)
-    touched = 1 - (1 - args.num_experts_per_tok / args.n_routed_experts) ** batch
+    tokens = batch * (1 if acceptance is None else 2)
+    touched = 1 - (1 - args.num_experts_per_tok / args.n_routed_experts) ** tokens
     read = 0.0
     for t in inventory(args, mtp):
-        if t.mtp:
+        if t.mtp and acceptance is None:
             continue
         b = w.tensor_bytes[t.name]
-        read += b * batch / t.shape[0] if t.module == "model.embed_tokens" else b * touched if t.component == ROUTED else b
+        read += b * tokens / t.shape[0] if t.module == "model.embed_tokens" else b * touched if t.component == ROUTED else b
     read += batch * kv_read_bytes(args, context)
     cal = calibration()
     memory_s = read / (cal["decode_efficiency"] * mac.bandwidth_gbs * 1e9)
-    compute_s = 2 * w.decode_params * batch / (cal["prefill_efficiency"] * mac.gpu_flops)
-    return batch / max(memory_s, compute_s)
+    compute_s = 2 * w.decode_params * tokens / (cal["prefill_efficiency"] * mac.gpu_flops)
+    return batch * (1 if acceptance is None else 1 + acceptance) / max(memory_s, compute_s)
 
 
 def prefill_seconds(args, recipe, mac, tokens: int, context: int, mtp: bool = True, chunk: int = 2048) -> float:

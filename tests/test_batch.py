@@ -237,3 +237,31 @@ def test_mode_chooser_takes_the_faster_and_probes_the_other():
     for _ in range(10):
         c.record(True, 4, tokens=8, seconds=0.008)  # MTP now faster: 1000 tok/s
     assert c.choose(4) is True and c.choose(8) is True  # another batch size is measured on its own
+
+
+def test_prompts_arriving_together_prefill_in_one_pass(model, monkeypatch):
+    """Requests that arrive together prefill in one padded pass (each row at its own offset: some
+    continue a cached conversation, some start empty; lengths past index_topk), and each then decodes
+    exactly what it decodes alone."""
+    ps = prompts()
+    histories = [PromptCache.fresh(model, mtp=True) for _ in range(3)]
+    for pc, p in zip(histories, ps[:3]):  # three conversations with a cached first turn
+        list(Engine(model, mtp=True).generate(p, pc=pc, max_tokens=4))
+    # their next turns (8 new tokens each) and three new prompts of like length (rows are padded)
+    turns = [pc.tokens + list(range(21, 29)) for pc in histories] + [ps[i][:n] for i, n in ((3, 9), (4, 11), (6, 12))]
+    alone = [list(Engine(model, mtp=True).generate(t, max_tokens=N)) for t in turns]
+    calls = []
+    real = BatchEngine._prefill_together
+    monkeypatch.setattr(BatchEngine, "_prefill_together", lambda self, seqs: calls.append(len(seqs)) or real(self, seqs))
+    be = BatchEngine(model, max_batch=8)
+    caches = histories + [PromptCache.fresh(model, mtp=True) for _ in range(3)]
+    for i, (t, pc) in enumerate(zip(turns, caches)):
+        be.add(i, t, pc, Engine(model, mtp=True), N)
+    outs = {i: [] for i in range(len(turns))}
+    while len(be):
+        for key, tok, _ in be.step():
+            outs[key].append(tok)
+            if len(outs[key]) == N:
+                be.remove(key)
+    assert calls == [len(turns)]
+    assert [outs[i] for i in range(len(turns))] == alone

@@ -1,8 +1,9 @@
-"""The DSA indexer's two-stage top-k selection against a plain argpartition over the whole row.
+"""The DSA indexer's two-stage top-k selection against a full sort of the row.
 
-The selected set must hold the k largest values of each row (ties may be broken either way, so the
-selected *values* are compared), every position once while a row has k finite scores, and -inf
-picks only where a row has fewer (causal or padding masks), at positions the caller masks.
+The selected set must be each row's k largest values with ties going to the lowest positions (so a
+row selects the same keys however it is padded: alone or in a batch), every position once while a
+row has k finite scores, and -inf picks only where a row has fewer (causal or padding masks), at
+positions the caller masks.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def _check(scores: np.ndarray, k: int):
         if finite >= k:
             assert len(set(picks.tolist())) == k  # no position twice
             np.testing.assert_array_equal(np.sort(row[picks])[::-1], want)
+            best = np.lexsort((np.arange(T), -row))[:k]  # value descending, then position ascending
+            assert set(picks.tolist()) == set(best.tolist())
         else:  # every finite score is picked; the rest are -inf picks
             np.testing.assert_array_equal(np.sort(row[picks])[::-1][:finite], want[:finite])
 
@@ -64,3 +67,15 @@ def test_glm51_sized_row():
     """GLM-5.1's index_topk over a 100K-token context: the two stages partition ~29K values, not 100K."""
     rng = np.random.default_rng(0)
     _check(rng.normal(size=(2, 100_000)).astype(np.float32), 2048)
+
+
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(8, 500), pad=st.integers(1, 300), k=st.integers(1, 16), seed=st.integers(0, 2**31 - 1))
+def test_padding_does_not_change_the_choice(T, pad, k, seed):
+    """A row and the same row padded with -inf (a batch buffer's spare capacity) select the same keys,
+    also when many scores tie (the indexer's ReLU makes exact zeros common)."""
+    k = min(k, T)
+    row = np.maximum(np.random.default_rng(seed).normal(size=(1, T)), 0).astype(np.float32)
+    alone = np.sort(np.array(select_top_k(mx.array(row), k)), axis=-1)
+    padded = np.concatenate([row, np.full((1, pad), -np.inf, np.float32)], axis=-1)
+    np.testing.assert_array_equal(np.sort(np.array(select_top_k(mx.array(padded), k)), axis=-1), alone)
