@@ -39,7 +39,10 @@ from .config import ModelArgs
 ABSORBED_MAX_TOKENS = 16
 # Per-chunk working-set budgets (elements), sizing the query chunks when none is set:
 INDEX_SCORE_BUDGET = 1 << 24  # indexer: Lc * h * T float32 scores (64 MB)
-SPARSE_CHUNK_BYTES = 1 << 26  # sparse attention: per chunk, gathered rows + ~6 query-side [H, C+R] tensors
+SPARSE_CHUNK_BYTES = 1 << 26  # sparse attention: per chunk, gathered rows + the query-side [H, C+R] tensors
+# Query-side [H, C+R] tensors alive per query of a sparse chunk: the absorbed query, its concatenation
+# with the rope half, the scaled query, the output rows and their latent slice.
+QUERY_TENSORS = 5
 DENSE_SCORE_BUDGET = 1 << 26  # largest L * T * H score block the dense fallback may build past k
 
 
@@ -353,7 +356,7 @@ class MLAttention(nn.Module):
         CR = C + R
         flat = None if quantized else kv.reshape(B * T, CR)  # [B, 1, T, C+R] -> rows of the cache
         rows = topk if B == 1 else topk + (mx.arange(B, dtype=topk.dtype) * T)[:, None, None]
-        per_query = (k + 6 * H) * CR * kv.dtype.size  # bytes alive per query of a chunk
+        per_query = (k + QUERY_TENSORS * H) * CR * kv.dtype.size  # bytes alive per query of a chunk
         size = self.query_chunk or max(1, SPARSE_CHUNK_BYTES // per_query)
         outs = []
         for s, e in chunks(L, size):

@@ -59,11 +59,12 @@ def working_set(args: ModelArgs, context: int, mtp: bool = True, prefill_chunk: 
         idx = min(c, IN_FLIGHT * Lc) * T * (SCORE_BYTES * (h + 2) + 1) + keys
     if T > k and attention.sparse_wins(args, c, T, k):
         # Sparse, per query chunk of Ls rows: the gathered cache rows [Ls, k, C+R] (the first are
-        # allocated while the indexer's scores are alive), ~6 query-side [H, C+R] tensors (the
+        # allocated while the indexer's scores are alive), QUERY_TENSORS query-side [H, C+R] tensors (the
         # budget's estimate), scores in the model dtype, float32 and back; then the per-head
         # outputs of the whole chunk [H, c, V], accumulated and concatenated.
-        rows = min(c, IN_FLIGHT * min(c, max(1, attention.SPARSE_CHUNK_BYTES // ((k + 6 * H) * CR * a))))
-        tail = rows * ((k + 6 * H) * CR * a + H * k * (2 * a + 2 * SCORE_BYTES)) + 2 * c * H * V * a
+        qt = attention.QUERY_TENSORS
+        rows = min(c, IN_FLIGHT * min(c, max(1, attention.SPARSE_CHUNK_BYTES // ((k + qt * H) * CR * a))))
+        tail = rows * ((k + qt * H) * CR * a + H * k * (2 * a + 2 * SCORE_BYTES)) + 2 * c * H * V * a
         ws["attention"] = max(idx + rows * k * CR * a, tail)
     elif c <= attention.ABSORBED_MAX_TOKENS:  # dense absorbed: latent query [H, c, C+R], scores [H, c, T]
         ws["attention"] = tail = idx + c * H * (2 * CR * a + T * (2 * a + 2 * SCORE_BYTES)) + c * T

@@ -50,6 +50,17 @@ def run_batch(model, prompts, mtp, arrive_every=3, n=N, leave_early=None, engine
     return outs, widest
 
 
+def drain(be, count: int, n: int = N) -> list[list[int]]:
+    """Step until every sequence (keys 0..count-1, added already) has its n tokens; their outputs."""
+    outs = {i: [] for i in range(count)}
+    while len(be):
+        for key, tok, _ in be.step():
+            outs[key].append(tok)
+            if len(outs[key]) == n:
+                be.remove(key)
+    return [outs[i] for i in range(count)]
+
+
 @pytest.mark.parametrize("mtp", [False, True])
 def test_greedy_batch_equals_alone(model, mtp):
     ps = prompts()
@@ -215,13 +226,7 @@ def test_switching_between_mtp_and_plain_passes_keeps_greedy_output(model, every
     be = BatchEngine(model, max_batch=8, modes=Alternating(every))
     for i, p in enumerate(ps):
         be.add(i, p, PromptCache.fresh(model, mtp=True), Engine(model, mtp=True, prefill_step=8), N)
-    outs = {i: [] for i in range(len(ps))}
-    while len(be):
-        for key, t, _ in be.step():
-            outs[key].append(t)
-            if len(outs[key]) == N:
-                be.remove(key)
-    assert [outs[i] for i in range(len(ps))] == alone
+    assert drain(be, len(ps)) == alone
 
 
 def test_mode_chooser_takes_the_faster_and_probes_the_other():
@@ -257,11 +262,6 @@ def test_prompts_arriving_together_prefill_in_one_pass(model, monkeypatch):
     caches = histories + [PromptCache.fresh(model, mtp=True) for _ in range(3)]
     for i, (t, pc) in enumerate(zip(turns, caches)):
         be.add(i, t, pc, Engine(model, mtp=True), N)
-    outs = {i: [] for i in range(len(turns))}
-    while len(be):
-        for key, tok, _ in be.step():
-            outs[key].append(tok)
-            if len(outs[key]) == N:
-                be.remove(key)
+    outs = drain(be, len(turns))
     assert calls == [len(turns)]
-    assert [outs[i] for i in range(len(turns))] == alone
+    assert outs == alone
