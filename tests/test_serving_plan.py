@@ -53,3 +53,11 @@ def test_projections_agree_with_the_planner():
     assert prefill_seconds(args, recipe, mac, 32768, 32768) == pytest.approx(32768 / p.prefill_tok_s, rel=1e-6)
     warm = prefill_seconds(args, recipe, mac, 200, 32768)
     assert prefill_seconds(args, recipe, mac, 200, 200) <= warm < 32768 / p.prefill_tok_s / 50
+    # MTP passes: 2 tokens per sequence verified, 1 + acceptance kept. With no draft accepted a pass
+    # is pure cost; at GLM-5.1's reported acceptance it beats plain passes (weights dominate a pass).
+    for b in (1, 4, 8):
+        plain = batch_decode_tok_s(args, recipe, mac, b, 32768)
+        assert batch_decode_tok_s(args, recipe, mac, b, 32768, acceptance=0.0) < plain
+        assert batch_decode_tok_s(args, recipe, mac, b, 32768, acceptance=0.89) > plain
+    assert batch_decode_tok_s(args, recipe, mac, 4, 32768, acceptance=0.89) == pytest.approx(
+        4 * 1.89 / (8 / batch_decode_tok_s(args, recipe, mac, 8, 32768, mtp=True, acceptance=None)), rel=0.2)
