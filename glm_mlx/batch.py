@@ -33,7 +33,7 @@ import mlx.core as mx
 
 from .batch_cache import BatchLayerCache
 from .batch_mtp import ModeChooser, MTPBatching
-from .engine import Engine, StepStats, feed_mtp
+from .engine import Engine, StepStats, catch_up_mtp, defer_mtp, feed_mtp
 from .prompt_cache import PromptCache
 
 
@@ -261,7 +261,7 @@ class BatchEngine(MTPBatching):
             for layer, cache in zip(layers, s.pc.cache):
                 layer.trim(b, L - len(todo))  # the padding's rows
                 BatchLayerCache.store(cache, layer.rows(b))
-            feed_mtp(self.model, s.pc, todo, hidden[b : b + 1, : len(todo)])
+            (defer_mtp if s.engine.defer_mtp else feed_mtp)(self.model, s.pc, todo, hidden[b : b + 1, : len(todo)])
             mx.eval(logits[b], s.pc.arrays())
             s.stats.prompt_time = time.perf_counter() - start
             out.append(self._first_token(s, logits[b]))
@@ -318,6 +318,7 @@ class BatchEngine(MTPBatching):
             self._dissolve()
             drafting = all(s.pc.mtp_cache is not None for s in decoding) and any(self._drafts(s) for s in decoding)
             for s in decoding:  # bring every member to the group's MTP state
+                catch_up_mtp(self.model, s.pc)  # a prefill's deferred MTP slots
                 if drafting and s.pc.ahead is None:
                     self._draft_ahead(s)
                 elif not drafting:

@@ -62,9 +62,38 @@ def feed_mtp(model, pc: PromptCache, toks: list[int], hidden: mx.array):
     pc.tokens.extend(toks)
 
 
+# Prefill keeps at most this many positions' h pending before writing their MTP slots.
+DEFERRED_MTP_ROWS = 2048
+
+
+def defer_mtp(model, pc: PromptCache, toks: list[int], hidden: mx.array):
+    """Prefill's MTP part, deferred: keep h of the new positions pending and append toks. Their MTP
+    slots are written by `catch_up_mtp` once the first token is out (or when more than
+    DEFERRED_MTP_ROWS wait), so the MTP layer is off the time to first token. The invariant holds:
+    pending is h of positions mtp_cache.offset .. len(tokens) - 1."""
+    if pc.mtp_cache is not None:
+        if pc.pending is not None and pc.pending.shape[1] + hidden.shape[1] > DEFERRED_MTP_ROWS:
+            catch_up_mtp(model, pc)
+        pc.pending = hidden if pc.pending is None else mx.concatenate([pc.pending, hidden], axis=1)
+    pc.tokens.extend(toks)
+
+
+def catch_up_mtp(model, pc: PromptCache):
+    """Write the MTP slots of every pending position but the last (whose next token is not known
+    yet), as feed_mtp does while decoding."""
+    if pc.mtp_cache is None or pc.pending is None or pc.pending.shape[1] <= 1:
+        return
+    q = pc.mtp_cache.offset
+    model.mtp_draft(pc.pending[:, :-1], mx.array([pc.tokens[q + 1 :]]), pc.mtp_cache)
+    pc.pending = pc.pending[:, -1:]
+
+
 class Engine:
     def __init__(self, model: Model, params: SamplingParams | None = None, *, mtp: bool | None = None,
-                 num_draft: int = 1, prefill_step: int = 2048, logprobs: int | None = None):
+                 num_draft: int = 1, prefill_step: int = 2048, logprobs: int | None = None,
+                 defer_mtp: bool = False):
+        """defer_mtp: prefill leaves the MTP slots of its positions for `catch_up_mtp` (a server writes them
+        after the first token is out); the drafting steps catch up by themselves."""
         self.model = model
         self.sampler = Sampler(params or SamplingParams())
         self.mtp = model.has_mtp if mtp is None else (mtp and model.has_mtp)
@@ -75,6 +104,7 @@ class Engine:
             self.mtp = False
         self.num_draft = max(1, num_draft)
         self.prefill_step = prefill_step
+        self.defer_mtp = defer_mtp
 
     def _history(self, tokens: list[int], *more: int) -> mx.array | None:
         """The token history for logits processors; None (no O(context) copy) when there are none."""
@@ -84,11 +114,11 @@ class Engine:
         return PromptCache.fresh(self.model, mtp=self.mtp)
 
     # --- prefill ---------------------------------------------------------------------------
-    def _forward(self, pc: PromptCache, toks: list[int]) -> mx.array:
-        """Run the main model on toks (appending to the cache) and feed the MTP layer; return the
-        last position's logits [1, 1, V]."""
+    def _forward(self, pc: PromptCache, toks: list[int], defer: bool = False) -> mx.array:
+        """Run the main model on toks (appending to the cache) and feed the MTP layer (or, with defer,
+        leave that for later: see defer_mtp); return the last position's logits [1, 1, V]."""
         logits, hidden = self.model(mx.array([toks]), cache=pc.cache, return_hidden=True, last_only=True)
-        feed_mtp(self.model, pc, toks, hidden)
+        (defer_mtp if defer else feed_mtp)(self.model, pc, toks, hidden)
         return logits
 
     def prefill_chunks(self, pc: PromptCache, prompt: list[int], stats: StepStats):
@@ -101,7 +131,7 @@ class Engine:
         logits, done = None, 0
         while done < len(todo):
             step = self.prefill_step  # read per chunk: a scheduler may shrink it while others decode
-            logits = self._forward(pc, todo[done : done + step])[0, -1]
+            logits = self._forward(pc, todo[done : done + step], defer=self.defer_mtp)[0, -1]
             # Evaluate and free between chunks: peak memory stays at one chunk's activations.
             mx.eval(logits, pc.arrays())
             mx.clear_cache()

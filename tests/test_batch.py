@@ -190,11 +190,12 @@ def test_batched_mtp_accepts_drafts_and_equals_alone():
     n = 24
     cold = SamplingParams(temp=1e-3)  # sampled, but every distribution is one token
 
-    def make():
-        return ([Engine(model, mtp=True) for _ in ps[:-1]] + [Engine(model, cold, mtp=True)]
-                + [Engine(model, logprobs=2), Engine(model, SamplingParams(temp=1.0, seed=7), mtp=False)])
+    def make(defer=False):  # the batch's engines defer their prefill's MTP slots, as the server's do
+        return ([Engine(model, mtp=True, defer_mtp=defer) for _ in ps[:-1]] + [Engine(model, cold, mtp=True, defer_mtp=defer)]
+                + [Engine(model, logprobs=2, defer_mtp=defer),
+                   Engine(model, SamplingParams(temp=1.0, seed=7), mtp=False, defer_mtp=defer)])
 
-    engines, fresh = make(), make()
+    engines, fresh = make(defer=True), make()
     fresh[len(ps) - 1] = Engine(model, mtp=True)  # alone: greedy
     prompts_all = ps + [ps[1], ps[3]]
     alone = [list(e.generate(p, max_tokens=n)) for e, p in zip(fresh, prompts_all)]
@@ -261,7 +262,7 @@ def test_prompts_arriving_together_prefill_in_one_pass(model, monkeypatch):
     be = BatchEngine(model, max_batch=8)
     caches = histories + [PromptCache.fresh(model, mtp=True) for _ in range(3)]
     for i, (t, pc) in enumerate(zip(turns, caches)):
-        be.add(i, t, pc, Engine(model, mtp=True), N)
+        be.add(i, t, pc, Engine(model, mtp=True, defer_mtp=i % 2 == 0), N)
     outs = drain(be, len(turns))
     assert calls == [len(turns)]
     assert outs == alone

@@ -226,3 +226,23 @@ def test_common_prefix_is_the_shared_head(a, tail, cut):
     b = a[:cut] + tail
     want = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     assert common_prefix(a, b) == common_prefix(b, a) == want
+
+
+def test_deferred_mtp_slots_catch_up_exactly(model):
+    """A server's prefill leaves the MTP layer for after the first token (defer_mtp): the prompt's h
+    stay pending, and catch_up_mtp then writes the same slots a feeding prefill writes; decoding from a
+    deferred prefill (MTP drafting catches up by itself) is still plain greedy decoding."""
+    from glm_mlx.engine import catch_up_mtp
+
+    prompt = PROMPT * 2
+    fed, deferred = Engine(model, mtp=True), Engine(model, mtp=True, defer_mtp=True, prefill_step=7)
+    a, b = fed.new_cache(), deferred.new_cache()
+    la, lb = fed.prefill(a, prompt, StepStats()), deferred.prefill(b, prompt, StepStats())
+    np.testing.assert_allclose(np.array(la), np.array(lb), atol=1e-5)
+    assert b.mtp_cache.offset == 0 and b.pending.shape[1] == len(prompt) and b.tokens == a.tokens
+    catch_up_mtp(model, b)
+    assert b.mtp_cache.offset == a.mtp_cache.offset == len(prompt) - 1 and b.pending.shape[1] == 1
+    for x, y in zip(a.mtp_cache.state, b.mtp_cache.state):
+        np.testing.assert_allclose(np.array(x[..., : len(prompt) - 1, :]), np.array(y[..., : len(prompt) - 1, :]), atol=1e-4)
+    np.testing.assert_allclose(np.array(a.pending), np.array(b.pending), atol=1e-5)
+    assert list(Engine(model, mtp=True, defer_mtp=True).generate(prompt, max_tokens=20)) == plain(model, prompt, 20)

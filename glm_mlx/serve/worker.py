@@ -262,8 +262,10 @@ class Worker(threading.Thread):
         # A seeded sampled request decodes plainly: MTP's drafts and verification draw other random
         # numbers than plain steps, and whether it runs alone (MTP) or in a batch must not matter.
         seeded = req.sampling.seed is not None and not req.sampling.greedy
+        # defer_mtp: a prompt's MTP slots are written after its first token is out (_save_prefix, or when
+        # it joins a batch), not on its time to first token.
         engine = Engine(self.model, req.sampling, mtp=self.mtp and not seeded, num_draft=self.num_draft,
-                        prefill_step=self.prefill_step, logprobs=req.logprobs)
+                        prefill_step=self.prefill_step, logprobs=req.logprobs, defer_mtp=True)
         pc, disk = self._cache_for(req.prompt)
         seq = self.batch.add(job, req.prompt, pc, engine, req.max_tokens)
         self.running[job] = _Running(seq, TextStream(self.model, self.tokenizer, req.max_tokens, req.stop),
@@ -281,6 +283,9 @@ class Worker(threading.Thread):
 
     def _save_prefix(self, pc):
         if self.prefix is not None:
+            from ..engine import catch_up_mtp
+
+            catch_up_mtp(self.model, pc)  # blocks need their MTP slots (a prefill defers them)
             try:
                 self.prefix.save(pc)
             except Exception:  # noqa: BLE001 - a full disk or the like must not fail the request
