@@ -199,7 +199,7 @@ def test_batched_mtp_accepts_drafts_and_equals_alone():
     fresh[len(ps) - 1] = Engine(model, mtp=True)  # alone: greedy
     prompts_all = ps + [ps[1], ps[3]]
     alone = [list(e.generate(p, max_tokens=n)) for e, p in zip(fresh, prompts_all)]
-    be = BatchEngine(model, max_batch=8, modes=Always(True))
+    be = BatchEngine(model, max_batch=8, modes=Always(True), prefill_together=True)
     for i, (e, p) in enumerate(zip(engines, prompts_all)):
         be.add(i, p, PromptCache.fresh(model, mtp=True), e, n)
     outs, stats, doubles = {i: [] for i in range(len(engines))}, {}, 0
@@ -259,7 +259,7 @@ def test_prompts_arriving_together_prefill_in_one_pass(model, monkeypatch):
     calls = []
     real = BatchEngine._prefill_together
     monkeypatch.setattr(BatchEngine, "_prefill_together", lambda self, seqs: calls.append(len(seqs)) or real(self, seqs))
-    be = BatchEngine(model, max_batch=8)
+    be = BatchEngine(model, max_batch=8, prefill_together=True)  # the default on a GPU
     caches = histories + [PromptCache.fresh(model, mtp=True) for _ in range(3)]
     for i, (t, pc) in enumerate(zip(turns, caches)):
         be.add(i, t, pc, Engine(model, mtp=True, defer_mtp=i % 2 == 0), N)
