@@ -15,8 +15,9 @@ MTP: a sequence decoding alone (the only one) uses the engine's own MTP speculat
 (`_mtp_step`, one draft per sequence): each pass verifies every member's [last token, draft] ([B, 2]),
 a member whose draft matches its greedy token emits two tokens and the others one (their draft's
 cache row is dropped), and the MTP layer writes each member's slots and drafts for the next pass in
-the same graph, so a pass syncs the host once. Members that cannot draft (sampled, logits processors,
-logprobs) take one token per step from their own sampler in the same pass. When a second sequence
+the same graph, so a pass syncs the host once. Members that cannot draft (logits processors, logprobs,
+MTP off) take one token per step from their own sampler in the same pass. Whether a pass verifies
+drafts is chosen per batch size from measured speed (batch_mtp.ModeChooser). When a second sequence
 arrives, a lone drafting generator is closed (its caches settle) and the sequence rejoins through a
 one- or two-token prefill of its own tokens. Greedy output is the same either way: MTP's greedy output
 equals plain greedy decoding.
@@ -34,7 +35,7 @@ import mlx.core as mx
 from .batch_cache import BatchLayerCache
 from .batch_mtp import ModeChooser, MTPBatching
 from .engine import Engine, StepStats, catch_up_mtp, defer_mtp, feed_mtp
-from .prompt_cache import PromptCache
+from .prompt_cache import PromptCache, common_prefix
 
 
 @dataclass
@@ -50,7 +51,6 @@ class Sequence:
     solo: object = None  # the MTP generator while decoding alone
     started: float = 0.0  # when its first token came
     chunk: int | None = None  # its engine's own prefill chunk (the budget may shrink it for a step)
-    draft: tuple | None = None  # (draft [1], its MTP logits [1, V]) while its cache is drafted ahead (pc.ahead)
 
     @property
     def tokens(self) -> list[int]:
@@ -65,49 +65,40 @@ class DecodeGroup:
     """The decoding sequences' caches as batch buffers: one BatchLayerCache per layer (and for the MTP
     layer, with h at each member's last position [B, 1, hidden], when every member has an MTP cache).
 
-    Plain state: each member's MTP slot at its last position waits for the next token (pc.pending).
-    Drafting state (`ahead`, MTP steps): that slot is written, paired with the token to verify next
-    (not in the member's tokens yet; pc.ahead), and `drafts` [B] / `draft_logits` [B, V] hold each
-    member's draft. Members keep the drafting state when the group dissolves (a member joins or
-    leaves), so a rebuilt group drafts on at once."""
+    Built in the plain state: each member's MTP slot at its last position waits for the next token.
+    Drafting state (`ahead`, MTP passes; see batch_mtp): that slot is written, paired with the token
+    to verify next (not in the members' tokens yet), and `drafts` [B] / `draft_logits` [B, V] hold
+    each member's draft. Dissolving settles it back to the plain state."""
 
-    def __init__(self, model, seqs: list[Sequence], ahead: bool = False):
+    def __init__(self, model, seqs: list[Sequence]):
         self.seqs = list(seqs)
         n = model.args.num_hidden_layers
 
         self.layers = [BatchLayerCache.of([s.pc.cache[layer] for s in seqs]) for layer in range(n)]
         with_mtp = all(s.pc.mtp_cache is not None for s in seqs)
         self.mtp = BatchLayerCache.of([s.pc.mtp_cache for s in seqs]) if with_mtp else None
-        self.ahead = ahead
-        self.pending = mx.concatenate([s.pc.ahead if ahead else s.pc.pending for s in seqs], axis=0) if with_mtp else None
-        self.drafts = mx.concatenate([s.draft[0] for s in seqs]) if ahead else None  # [B]
-        self.draft_logits = mx.concatenate([s.draft[1] for s in seqs]) if ahead else None  # [B, V]
+        self.pending = mx.concatenate([s.pc.pending for s in seqs], axis=0) if with_mtp else None
+        self.ahead, self.drafts, self.draft_logits = False, None, None
 
     @staticmethod
-    def accepts(seqs: list[Sequence], ahead: bool = False) -> bool:
-        """Members' MTP state must be uniform: one position behind (as after a prefill or a plain step),
-        or drafted ahead with a draft each."""
+    def accepts(seqs: list[Sequence]) -> bool:
+        """Members' MTP state must be uniform and one position behind (as after a prefill or a step)."""
         has = [s.pc.mtp_cache is not None for s in seqs]
         if any(has) and not all(has):
             return False
-        if ahead:
-            return all(s.pc.ahead is not None and s.draft is not None and s.pc.pending is None and
-                       s.pc.mtp_cache.offset == len(s.pc.tokens) for s in seqs)
-        return all(s.pc.pending is not None and s.pc.pending.shape[1] == 1 and s.pc.ahead is None and
+        return all(s.pc.pending is not None and s.pc.pending.shape[1] == 1 and
                    s.pc.mtp_cache.offset == len(s.pc.tokens) - 1 for s in seqs) if all(has) else True
 
     def dissolve(self):
-        """Every member's rows back into its own PromptCache (drafted ahead, with its draft, if the group was)."""
+        """Every member's rows back into its own PromptCache, in the plain state."""
         for b, s in enumerate(self.seqs):
             for layer, cache in zip(self.layers, s.pc.cache):
                 BatchLayerCache.store(cache, layer.rows(b))
             if self.mtp is not None:
+                if self.ahead:  # settle: the drafted-ahead slot pairs with a token not in the cache
+                    self.mtp.trim(b, 1)
                 BatchLayerCache.store(s.pc.mtp_cache, self.mtp.rows(b))
-                if self.ahead:
-                    s.pc.ahead, s.pc.pending = self.pending[b : b + 1], None
-                    s.draft = (self.drafts[b : b + 1], self.draft_logits[b : b + 1])
-                else:
-                    s.pc.pending, s.pc.ahead, s.draft = self.pending[b : b + 1], None, None
+                s.pc.pending = self.pending[b : b + 1]
 
     def arrays(self) -> list[mx.array]:
         caches = self.layers + ([self.mtp] if self.mtp is not None else [])
@@ -152,8 +143,6 @@ class BatchEngine(MTPBatching):
             if seq.key == key:
                 self._dissolve()
                 self.seqs.remove(seq)
-                seq.pc.settle()  # a drafted-ahead slot pairs with a token that is not in the cache
-                seq.draft = None
                 if seq.solo is not None:
                     seq.solo.close()  # settles the MTP cache (engine's finally)
                     seq.solo = None
@@ -224,7 +213,6 @@ class BatchEngine(MTPBatching):
         step's prefill budget bounds their new tokens together (a whole chunk when nobody decodes), and
         the unchunked batch indexer's scores ([B, L, T] float32) stay within its per-chunk budget."""
         from .attention import INDEX_SCORE_BUDGET
-        from .prompt_cache import common_prefix
 
         fresh = [s for s in prefilling if s.chunk is None]
         if len(fresh) < 2 or not self.prefill_together:
@@ -297,8 +285,6 @@ class BatchEngine(MTPBatching):
 
     def _solo_token(self, seq: Sequence):
         if seq.solo is None:
-            seq.pc.settle()  # the engine drafts from the plain state
-            seq.draft = None
             stats = seq.stats
             stats.generated = len(seq.generated)
             seq.solo = seq.engine._decode_mtp(seq.pc, seq.generated[-1], seq.max_tokens, stats,
@@ -319,20 +305,15 @@ class BatchEngine(MTPBatching):
             self.group = None
 
     def _batch_step(self, decoding: list[Sequence]):
-        """Every decoding sequence's last token in one main-model pass ([B, 1])."""
+        """One pass for every decoding sequence: plain ([B, 1]) or, when the members can draft and the
+        measured choice says so, an MTP pass ([B, 2], batch_mtp)."""
         if self.group is None or [s.key for s in self.group.seqs] != [s.key for s in decoding]:
             self._dissolve()
-            drafting = all(s.pc.mtp_cache is not None for s in decoding) and any(self._drafts(s) for s in decoding)
-            for s in decoding:  # bring every member to the group's MTP state
+            for s in decoding:
                 catch_up_mtp(self.model, s.pc)  # a prefill's deferred MTP slots
-                if drafting and s.pc.ahead is None:
-                    self._draft_ahead(s)
-                elif not drafting:
-                    s.pc.settle()
-                    s.draft = None
-            if not DecodeGroup.accepts(decoding, ahead=drafting):
+            if not DecodeGroup.accepts(decoding):
                 raise RuntimeError("sequences in different MTP states cannot decode together")
-            self.group = DecodeGroup(self.model, decoding, ahead=drafting)
+            self.group = DecodeGroup(self.model, decoding)
         g = self.group
         if g.mtp is not None and any(self._drafts(s) for s in decoding):
             self._set_mode(decoding, self.modes.choose(len(decoding)))
@@ -342,6 +323,7 @@ class BatchEngine(MTPBatching):
         return out
 
     def _plain_step(self, decoding: list[Sequence]):
+        """Every decoding sequence's last token in one main-model pass ([B, 1])."""
         g = self.group
         toks = mx.array([[s.generated[-1]] for s in decoding])  # [B, 1]
         logits, hidden = self.model(toks, cache=g.layers, return_hidden=True)  # [B, 1, V], [B, 1, hidden]

@@ -56,7 +56,7 @@ class BatchLayerCache:
 
         batch = cls(has_indexer, index_bits, stack([r[0] for r in rows]), stack([r[1] for r in rows]), lengths,
                     latent_dim, kv_bits, kv_group_size)
-        batch._capacity, batch._B = T, len(rows)
+        batch._capacity = T
         return batch
 
     @classmethod

@@ -71,15 +71,6 @@ class MTPBatching:
         sampled = {b: decoding[b].engine.sampler.sample(logits[b : b + 1]).astype(mx.int32) for b in rows}
         return mx.concatenate([sampled[b] if b in sampled else drafts[b : b + 1] for b in range(len(decoding))])
 
-    def _draft_ahead(self, seq: "Sequence"):
-        """A member joining a drafting group (plain state, as after its prefill): the MTP layer writes the
-        slot pairing h at its last position with its last token and drafts the token after it."""
-        pc = seq.pc
-        h = self.model.mtp_hidden(pc.pending, mx.array([[seq.generated[-1]]]), cache=pc.mtp_cache)  # [1, 1, hidden]
-        logits = self.model.lm_head(h[:, 0])  # [1, V]
-        seq.draft = (self._sample_drafts([seq], logits), logits)
-        pc.ahead, pc.pending = pc.pending, None
-
     def _mtp_step(self, decoding: list["Sequence"]):
         """One MTP pass for the batch, each sequence accepting its own draft: every row verifies [its last
         token, its draft] in one main-model pass ([B, 2]); a row whose draft is accepted (greedy: it is
@@ -107,11 +98,9 @@ class MTPBatching:
             elif not s.engine.sampler.params.greedy:
                 ok, corr, bonus = verify_drafts(s.engine.sampler, logits[b], g.draft_logits[b : b + 1], d[b : b + 1])
                 verdict[b] = mx.stack([ok, mx.where(ok == 1, d[b], corr), bonus])
+        table = mx.stack([(greedy[:, 0] == d).astype(mx.int32), greedy[:, 0], greedy[:, 1]], axis=1)  # [B, 3]
         if verdict:
-            plain = mx.stack([(greedy[:, 0] == d).astype(mx.int32), greedy[:, 0], greedy[:, 1]], axis=1)  # [B, 3]
-            table = mx.stack([verdict[b] if b in verdict else plain[b] for b in range(B)])  # [B, 3]
-        else:
-            table = mx.stack([(greedy[:, 0] == d).astype(mx.int32), greedy[:, 0], greedy[:, 1]], axis=1)
+            table = mx.stack([verdict[b] if b in verdict else table[b] for b in range(B)])
         acc, first, second = table[:, 0] == 1, table[:, 1], table[:, 2]  # [B] each
         # MTP slots: h at y pairs with the token after it, h at the draft with the token after that
         # (a rejected row's second slot is filler, trimmed below); draft from the row that pairs with
