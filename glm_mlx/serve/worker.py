@@ -86,8 +86,7 @@ class CachePool:
         self.model, self.mtp, self.size, self.share_heads = model, mtp, size, share_heads
         self.caches: list = []  # idle, least recently used first
         self.busy: list = []
-        # id(cache) -> length of the prompt it last served, for every cache the pool holds (idle or busy)
-        self.prompt_len: dict[int, int] = {}
+        self.prompt_len: dict[int, int] = {}  # id(idle cache) -> length of the prompt it last served
 
     def match(self, ids: list[int]):
         """-> (the idle cache to continue, tokens of `ids` it holds), or (None, 0). Nothing is taken yet:
@@ -109,6 +108,7 @@ class CachePool:
     def take(self, pc):
         """An idle cache `match` chose, now in use."""
         self.caches.remove(pc)
+        self.prompt_len.pop(id(pc), None)  # release sets it again
         self.busy.append(pc)
         return pc
 
@@ -130,16 +130,14 @@ class CachePool:
         self.caches.remove(pc)
         self.prompt_len.pop(id(pc), None)
 
-    def release(self, pc, keep: bool = True, prompt_len: int | None = None):
+    def release(self, pc, prompt_len: int, keep: bool = True):
         """prompt_len: the prompt the cache just served (its tokens past that are the reply)."""
         if pc in self.busy:
             self.busy.remove(pc)
         if not keep:
-            self.prompt_len.pop(id(pc), None)
             return
         self.caches.append(pc)
-        if prompt_len is not None:
-            self.prompt_len[id(pc)] = prompt_len
+        self.prompt_len[id(pc)] = prompt_len
         while len(self.caches) > self.size:
             self._drop(self.caches[0])
 
@@ -331,7 +329,7 @@ class Worker(threading.Thread):
         seq = self.batch.remove(job)
         if keep_cache:
             self._save_prefix(seq.pc)  # also a cancelled prefill's completed chunks
-        self.pool.release(seq.pc, keep=keep_cache, prompt_len=len(seq.prompt))
+        self.pool.release(seq.pc, len(seq.prompt), keep=keep_cache)
         if reason == "error":
             return
         st = seq.stats
