@@ -27,6 +27,7 @@ Knows nothing of text: the caller turns tokens into text and says when a sequenc
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -51,6 +52,9 @@ class Sequence:
     solo: object = None  # the MTP generator while decoding alone
     started: float = 0.0  # when its first token came
     chunk: int | None = None  # its engine's own prefill chunk (the budget may shrink it for a step)
+    # A pipelined plain pass's token for this sequence, computed but not read yet: (the pass's tokens [B]
+    # on the device, this sequence's row, its logprobs [1, 1+2n] or None). Its cache holds `tokens`.
+    unread: tuple | None = None
 
     @property
     def tokens(self) -> list[int]:
@@ -61,23 +65,34 @@ class Sequence:
         return self.chunks is not None
 
 
+# Plain passes leave their MTP slots for one batched MTP pass, after at most this many passes.
+LAZY_MTP_PASSES = 32
+
+
 class DecodeGroup:
     """The decoding sequences' caches as batch buffers: one BatchLayerCache per layer (and for the MTP
-    layer, with h at each member's last position [B, 1, hidden], when every member has an MTP cache).
+    layer, when every member has an MTP cache).
 
-    Built in the plain state: each member's MTP slot at its last position waits for the next token.
-    Drafting state (`ahead`, MTP passes; see batch_mtp): that slot is written, paired with the token
-    to verify next (not in the members' tokens yet), and `drafts` [B] / `draft_logits` [B, V] hold
-    each member's draft. Dissolving settles it back to the plain state."""
+    Built in the plain state: `pending` [B, m, hidden] holds h of each member's last m positions, whose
+    MTP slots wait for the tokens after them. Plain passes do not run the MTP layer: they append their
+    h to `pending` and their tokens to `fed`, and `catch_up` writes those slots in one [B, m-1] pass
+    (before drafting, when the group dissolves, or every LAZY_MTP_PASSES passes): one MTP pass
+    instead of one per token. Drafting state (`ahead`, MTP passes; see batch_mtp): each member's slot
+    at its last position is written, paired with the token to verify next (not in the members' tokens
+    yet), and `drafts` [B] / `draft_logits` [B, V] hold each member's draft. Dissolving settles it
+    back to the plain state."""
+
+    serials = itertools.count()
 
     def __init__(self, model, seqs: list[Sequence]):
-        self.seqs = list(seqs)
+        self.model, self.seqs, self.serial = model, list(seqs), next(DecodeGroup.serials)
         n = model.args.num_hidden_layers
 
         self.layers = [BatchLayerCache.of([s.pc.cache[layer] for s in seqs]) for layer in range(n)]
         with_mtp = all(s.pc.mtp_cache is not None for s in seqs)
         self.mtp = BatchLayerCache.of([s.pc.mtp_cache for s in seqs]) if with_mtp else None
         self.pending = mx.concatenate([s.pc.pending for s in seqs], axis=0) if with_mtp else None
+        self.fed: list[mx.array] = []  # tokens [B, 1] of plain passes whose MTP slots wait (catch_up)
         self.ahead, self.drafts, self.draft_logits = False, None, None
 
     @staticmethod
@@ -89,8 +104,24 @@ class DecodeGroup:
         return all(s.pc.pending is not None and s.pc.pending.shape[1] == 1 and
                    s.pc.mtp_cache.offset == len(s.pc.tokens) - 1 for s in seqs) if all(has) else True
 
+    def plain_pass(self, toks: mx.array, hidden: mx.array):
+        """A plain pass fed toks [B, 1] and gave hidden [B, 1, hidden]: their MTP slots wait."""
+        if self.mtp is not None:
+            self.pending = mx.concatenate([self.pending, hidden], axis=1)
+            self.fed.append(toks)
+            if len(self.fed) >= LAZY_MTP_PASSES:
+                self.catch_up()
+
+    def catch_up(self):
+        """Write the MTP slots plain passes left, each pending h with the token fed after it, in one pass."""
+        if self.fed:
+            self.model.mtp_hidden(self.pending[:, :-1], mx.concatenate(self.fed, axis=1), cache=self.mtp)
+            self.pending, self.fed = self.pending[:, -1:], []
+
     def dissolve(self):
         """Every member's rows back into its own PromptCache, in the plain state."""
+        if self.mtp is not None:
+            self.catch_up()
         for b, s in enumerate(self.seqs):
             for layer, cache in zip(self.layers, s.pc.cache):
                 BatchLayerCache.store(cache, layer.rows(b))
@@ -122,6 +153,9 @@ class BatchEngine(MTPBatching):
         self.seqs: list[Sequence] = []  # in arrival order
         self.group: DecodeGroup | None = None
         self.modes = modes or ModeChooser()
+        self._timing = None  # the last decode pass, timed at the next step: (MTP?, B, tokens it made, start, valid?)
+        self._plain_group = None  # the group whose plain pass ran last (its successor waits only for it)
+        self._prefilled = False  # a prefill ran in this step (a plain pass after it waits for nothing)
 
     def __len__(self):
         return len(self.seqs)
@@ -149,6 +183,7 @@ class BatchEngine(MTPBatching):
                 if seq.chunks is not None:
                     seq.chunks.close()
                     seq.chunks = None
+                seq.unread = None  # a token computed past its end: dropped (its cache holds `tokens`)
                 return seq
         return None
 
@@ -169,7 +204,13 @@ class BatchEngine(MTPBatching):
         others' decode step runs (and it is then not returned): its time to first token does not
         include that step."""
         out = []
+        if self._timing is not None:  # the last pass, from its start to here (its tokens' host work included)
+            mtp, batch, made, begun, valid = self._timing
+            if valid:
+                self.modes.record(mtp, batch, made, time.perf_counter() - begun)
+            self._timing = None
         prefilling = [s for s in self.seqs if s.prefilling]
+        self._prefilled = bool(prefilling)
         together = self._prefill_batch(prefilling)
         if len(together) > 1:
             out += self._prefill_together(together)
@@ -198,7 +239,8 @@ class BatchEngine(MTPBatching):
         seq = decoding[0]
         if alone and seq.engine.mtp and seq.pc.mtp_cache is not None:
             self._dissolve()
-            return out + [self._solo_token(seq)]
+            out += self._settle([seq])
+            return out + ([self._solo_token(seq)] if len(seq.generated) < seq.max_tokens else [])
         for s in decoding:
             if s.solo is not None:
                 self._rejoin(s)
@@ -261,10 +303,13 @@ class BatchEngine(MTPBatching):
             out.append(self._first_token(s, logits[b]))
         return out
 
-    def _sample(self, seq: Sequence, logits: mx.array):
-        """[1, V] logits after the sequence's last token -> (token [1], logprobs or None) on the device."""
+    def _sample(self, seq: Sequence, logits: mx.array, fed: mx.array | None = None):
+        """[1, V] logits after the sequence's last token -> (token [1], logprobs or None) on the device.
+        fed: the token [1] this pass fed after `pc.tokens` (on the device, maybe not read yet)."""
         engine = seq.engine
         hist = engine._history(seq.pc.tokens)
+        if hist is not None and fed is not None:
+            hist = mx.concatenate([hist, fed.astype(hist.dtype)])
         processed = engine.sampler.process(hist, logits)
         tok = engine.sampler.sample(processed)
         return tok, engine._note_logprobs(processed, tok)
@@ -298,15 +343,36 @@ class BatchEngine(MTPBatching):
         """After a failed step: forget the batch buffers without writing them back (they may be half
         updated); the members' own caches are then stale and must be dropped by the caller."""
         self.group = None
+        for s in self.seqs:
+            s.unread = None
 
     def _dissolve(self):
         if self.group is not None:
             self.group.dissolve()
             self.group = None
 
+    def _settle(self, seqs: list[Sequence]):
+        """Read the sequences' pipelined tokens: each becomes the last generated token, not fed yet (the
+        state MTP passes and a lone MTP sequence start from). Returns them as step output."""
+        out = []
+        for s in seqs:
+            if s.unread is not None:
+                tokens, b, lp = s.unread
+                s.unread = None
+                out.append(self._emit(s, tokens.tolist()[b], None if lp is None else lp[0].tolist()))
+        return out
+
     def _batch_step(self, decoding: list[Sequence]):
-        """One pass for every decoding sequence: plain ([B, 1]) or, when the members can draft and the
-        measured choice says so, an MTP pass ([B, 2], batch_mtp)."""
+        """One pass for every decoding sequence: plain ([B, 1], pipelined) or, when the members can draft
+        and the measured choice says so, an MTP pass ([B, 2], batch_mtp)."""
+        out = []
+        drafting = all(s.pc.mtp_cache is not None for s in decoding) and any(self._drafts(s) for s in decoding)
+        mtp = drafting and self.modes.choose(len(decoding))
+        if mtp:  # MTP passes start from host tokens: read the pipelined ones
+            out = self._settle(decoding)
+            decoding = [s for s in decoding if len(s.generated) < s.max_tokens]
+            if not decoding:
+                return out
         if self.group is None or [s.key for s in self.group.seqs] != [s.key for s in decoding]:
             self._dissolve()
             for s in decoding:
@@ -315,34 +381,49 @@ class BatchEngine(MTPBatching):
                 raise RuntimeError("sequences in different MTP states cannot decode together")
             self.group = DecodeGroup(self.model, decoding)
         g = self.group
-        if g.mtp is not None and any(self._drafts(s) for s in decoding):
-            self._set_mode(decoding, self.modes.choose(len(decoding)))
+        if drafting:
+            self._set_mode(decoding, mtp)
         start = time.perf_counter()
-        out = self._mtp_step(decoding) if g.ahead else self._plain_step(decoding)
-        self.modes.record(g.ahead, len(decoding), len(out), time.perf_counter() - start)
-        return out
+        step = self._mtp_step(decoding) if g.ahead else self._plain_step(decoding)
+        # Timed at the next step. A pipelined plain pass's time is its building plus the wait for the pass
+        # before it: it stands for a plain pass when that one was a plain pass of this group and no
+        # prefill ran between them. An MTP pass waits for itself.
+        valid = g.ahead or (self._plain_group == g.serial and not self._prefilled)
+        self._timing = (g.ahead, len(decoding), len(step) if g.ahead else len(decoding), start, valid)
+        self._plain_group = None if g.ahead else g.serial
+        return out + step
 
     def _plain_step(self, decoding: list[Sequence]):
-        """Every decoding sequence's last token in one main-model pass ([B, 1])."""
+        """Every decoding sequence's next token in one main-model pass ([B, 1]), pipelined as mlx-lm
+        decodes: the pass is built from the previous pass's tokens on the device and evaluated
+        asynchronously before the host reads those tokens, so Python builds pass n+1 while the device
+        computes pass n (a pass costs the larger of the two, not their sum). So a sequence's token
+        comes out one call after its pass; a new member's first call only feeds its last token."""
         g = self.group
-        toks = mx.array([[s.generated[-1]] for s in decoding])  # [B, 1]
+        fed = [mx.array([s.generated[-1]], dtype=mx.int32) if s.unread is None else
+               s.unread[0][s.unread[1] : s.unread[1] + 1] for s in decoding]  # each [1]
+        toks = mx.concatenate(fed)[:, None]  # [B, 1]
         logits, hidden = self.model(toks, cache=g.layers, return_hidden=True)  # [B, 1, V], [B, 1, hidden]
-        if g.mtp is not None:  # MTP slot at each previous position pairs its h with this token
-            self.model.mtp_hidden(g.pending, toks, cache=g.mtp)
-            g.pending = hidden
-        for s in decoding:
-            s.pc.tokens.append(s.generated[-1])
+        g.plain_pass(toks, hidden)
         # Plain greedy rows share one argmax; rows with processors, sampling or logprobs sample alone.
-        plain = [b for b, s in enumerate(decoding) if s.engine.sampler.params.greedy and
-                 not s.engine.sampler.processors and s.engine.logprobs is None]
-        results = [None] * len(decoding)
-        if plain:
-            picks = mx.argmax(logits[mx.array(plain), -1], axis=-1)  # [len(plain)]
-            for i, b in enumerate(plain):
-                results[b] = (picks[i : i + 1], None)
+        nxt = mx.argmax(logits[:, -1], axis=-1).astype(mx.int32)  # [B]
+        alone = [b for b, s in enumerate(decoding) if not s.engine.sampler.params.greedy or
+                 s.engine.sampler.processors or s.engine.logprobs is not None]
+        lps = {}
+        if alone:
+            own = {}
+            for b in alone:
+                own[b], lps[b] = self._sample(decoding[b], logits[b, -1:], fed[b])
+            nxt = mx.concatenate([own[b].astype(mx.int32) if b in own else nxt[b : b + 1] for b in range(len(decoding))])
+        mx.async_eval(nxt, *[lp for lp in lps.values() if lp is not None], *g.arrays())
+        out = []
         for b, s in enumerate(decoding):
-            if results[b] is None:
-                results[b] = self._sample(s, logits[b, -1:])
-        mx.eval([t for t, _ in results] + [lp for _, lp in results if lp is not None] + g.arrays())
-        return [self._emit(s, tok[0].item(), None if lp is None else lp[0].tolist())
-                for s, (tok, lp) in zip(decoding, results)]
+            if s.unread is None:
+                s.pc.tokens.append(s.generated[-1])
+            else:
+                tokens, row, lp = s.unread
+                tok = tokens.tolist()[row]
+                s.pc.tokens.append(tok)
+                out.append(self._emit(s, tok, None if lp is None else lp[0].tolist()))
+            s.unread = (nxt, b, lps.get(b))
+        return out

@@ -7,9 +7,10 @@ each member's slots and drafts for the next pass in the same graph (one host syn
 
 Whether a pass of B sequences should verify drafts at all is measured, not assumed: verifying 2B
 tokens costs more than B (on a CPU the work grows with the rows; on a Mac a batch's second tokens
-pick more experts), and a batch's pass gains 1 + acceptance tokens per member. `ModeChooser` keeps
-the tokens per second each mode gave at each batch size and takes the faster, trying the other now
-and then, so the choice follows the machine, the model and the acceptance of the requests at hand.
+pick more experts), a plain pass is pipelined (batch.py) and an MTP pass is not, and a batch's pass
+gains 1 + acceptance tokens per member. `ModeChooser` fits each mode's pass time against the batch
+size and takes the faster, trying the other now and then, so the choice follows the machine, the
+model and the acceptance of the requests at hand.
 """
 
 from __future__ import annotations
@@ -25,30 +26,44 @@ if TYPE_CHECKING:
 
 
 class ModeChooser:
-    """Per batch size, an average of the tokens per second of MTP passes and of plain passes; choose()
-    takes the faster, trying a mode it has not measured first (MTP, then plain) and the slower one
-    every `probe` passes. ema: the weight of the newest pass."""
+    """Chooses, per pass, MTP passes or plain passes for a batch of B, from what passes measured.
 
-    def __init__(self, probe: int = 32, ema: float = 0.25):
-        self.rate: dict[tuple[bool, int], float] = {}
-        self.passes: dict[int, int] = {}
-        self.probe, self.ema = probe, ema
+    Per mode it fits a pass's time as a line in B (a fixed cost plus a cost per member) and keeps the
+    tokens a member gains per pass (1 + acceptance for MTP passes): a running batch changes size at
+    every arrival and departure, so each size alone would be measured too rarely to choose by. The
+    predicted tokens per second decide; an unmeasured mode is tried first (MTP, then plain), and the
+    slower one every `probe` passes. ema: the weight of the newest pass in the averages."""
+
+    def __init__(self, probe: int = 32, ema: float = 0.1):
+        self.probe, self.ema, self.passes = probe, ema, 0
+        self.sums: dict[bool, list[float]] = {}  # mode -> decayed [n, sum B, sum t, sum B^2, sum B t, sum tokens/B]
+
+    def seconds(self, mtp: bool, batch: int) -> float:
+        """A pass's predicted time. One measured size only: its mean (a constant cost)."""
+        n, sb, st, sbb, sbt, _ = self.sums[mtp]
+        mean_b, mean_t = sb / n, st / n
+        var = sbb / n - mean_b ** 2
+        slope = max(0.0, (sbt / n - mean_b * mean_t) / var) if var > 1e-6 else 0.0
+        return max(1e-9, mean_t + slope * (batch - mean_b))
+
+    def rate(self, mtp: bool, batch: int) -> float:
+        """Predicted tokens per second of a pass of `batch` members."""
+        return batch * (self.sums[mtp][5] / self.sums[mtp][0]) / self.seconds(mtp, batch)
 
     def choose(self, batch: int) -> bool:
-        mtp, plain = self.rate.get((True, batch)), self.rate.get((False, batch))
-        if mtp is None or plain is None:
-            return mtp is None
-        n = self.passes.get(batch, 0)
-        self.passes[batch] = n + 1
-        best = mtp >= plain
-        return (not best) if n % self.probe == self.probe - 1 else best
+        if True not in self.sums or False not in self.sums:
+            return True not in self.sums
+        self.passes += 1
+        best = self.rate(True, batch) >= self.rate(False, batch)
+        return (not best) if self.passes % self.probe == 0 else best
 
     def record(self, mtp: bool, batch: int, tokens: int, seconds: float):
-        if seconds <= 0:
+        if seconds <= 0 or batch <= 0:
             return
-        key, r = (mtp, batch), tokens / seconds
-        old = self.rate.get(key)
-        self.rate[key] = r if old is None else (1 - self.ema) * old + self.ema * r
+        old = self.sums.get(mtp)
+        new = [1.0, batch, seconds, batch * batch, batch * seconds, tokens / batch]
+        keep = 1 - self.ema
+        self.sums[mtp] = new if old is None else [keep * o + x for o, x in zip(old, new)]
 
 
 class MTPBatching:
@@ -133,10 +148,12 @@ class MTPBatching:
 
     def _set_mode(self, decoding: list["Sequence"], mtp: bool):
         """Switch the running group between plain passes and MTP passes in place: to MTP, the MTP layer
-        writes each member's slot for its last token and drafts (one [B, 1] MTP pass); back, each
+        writes the slots plain passes left, then each member's slot for its last token, and drafts
+        (one [B, 1] MTP pass); back, each
         member's drafted-ahead slot is dropped."""
         g = self.group
         if mtp and not g.ahead:
+            g.catch_up()  # the slots plain passes left
             y = mx.array([[s.generated[-1]] for s in decoding], dtype=mx.int32)  # [B, 1]
             h = self.model.mtp_hidden(g.pending, y, cache=g.mtp)  # [B, 1, hidden]
             g.draft_logits = self.model.lm_head(h[:, 0])  # [B, V]

@@ -11,7 +11,7 @@ import pytest
 
 from glm_mlx import load_model
 from glm_mlx.batch import BatchEngine
-from glm_mlx.engine import Engine
+from glm_mlx.engine import Engine, StepStats, catch_up_mtp
 from glm_mlx.prompt_cache import PromptCache
 from glm_mlx.sampling import SamplingParams
 
@@ -129,8 +129,9 @@ def test_long_prompt_prefills_within_the_budget_while_others_decode(model):
     be = BatchEngine(model, max_batch=4, prefill_budget=16)
     be.add("a", ps[0], PromptCache.fresh(model, mtp=False), Engine(model, mtp=False, prefill_step=64), N)
     outs = {"a": [], "b": []}
-    for key, tok, _ in be.step():
-        outs[key].append(tok)
+    for _ in range(2):  # a's first token; its first decode pass (pipelined: that token comes with the next step)
+        for key, tok, _ in be.step():
+            outs[key].append(tok)
     be.add("b", long_prompt, PromptCache.fresh(model, mtp=False), Engine(model, mtp=False, prefill_step=64), N)
     steps_prefilling = 0
     while len(be):
@@ -218,31 +219,60 @@ def test_batched_mtp_accepts_drafts_and_equals_alone():
     assert all(stats[i].drafted == 0 for i in (len(ps), len(ps) + 1))  # the non-drafting members
 
 
-@pytest.mark.parametrize("every", [1, 3])
-def test_switching_between_mtp_and_plain_passes_keeps_greedy_output(model, every):
+@pytest.mark.parametrize("every,lazy", [(1, None), (3, None), (7, 2)])
+def test_switching_between_mtp_and_plain_passes_keeps_greedy_output(model, every, lazy, monkeypatch):
     """The running group switches between verifying drafts and plain passes (as the measured choice
-    does) without a rebuild: every sequence's output is still what it decodes alone."""
+    does) without a rebuild: every sequence's output is still what it decodes alone. Plain passes leave
+    their MTP slots to a batched catch-up (before drafting, or every `lazy` passes): the drafts after
+    it must be what a fed MTP layer drafts (a wrong slot shows as a changed acceptance, not output, so
+    the drafts are compared too)."""
+    import glm_mlx.batch as batch
+
+    if lazy:
+        monkeypatch.setattr(batch, "LAZY_MTP_PASSES", lazy)
     ps = prompts()
     alone = [list(Engine(model, mtp=True).generate(p, max_tokens=N)) for p in ps]
     be = BatchEngine(model, max_batch=8, modes=Alternating(every))
+    pcs = [PromptCache.fresh(model, mtp=True) for _ in ps]
     for i, p in enumerate(ps):
-        be.add(i, p, PromptCache.fresh(model, mtp=True), Engine(model, mtp=True, prefill_step=8), N)
+        be.add(i, p, pcs[i], Engine(model, mtp=True, prefill_step=8), N)
     assert drain(be, len(ps)) == alone
+    for pc in pcs:  # every MTP slot the batch wrote is the one a feeding prefill of its tokens writes
+        fed = PromptCache.fresh(model, mtp=True)
+        Engine(model, mtp=True).prefill(fed, pc.tokens, StepStats())
+        catch_up_mtp(model, pc)
+        q = pc.mtp_cache.offset
+        assert q == fed.mtp_cache.offset == len(pc.tokens) - 1
+        for x, y in zip(fed.mtp_cache.state, pc.mtp_cache.state):
+            np.testing.assert_allclose(np.array(x[..., :q, :]), np.array(y[..., :q, :]), atol=1e-4)
 
 
-def test_mode_chooser_takes_the_faster_and_probes_the_other():
+def test_mode_chooser_fits_pass_times_and_probes_the_other():
+    """Each mode's pass time is fitted as a line in the batch size (a fixed cost plus a cost per member),
+    so sizes never measured are predicted; the faster predicted mode is taken and the other probed."""
     from glm_mlx.batch_mtp import ModeChooser
 
-    c = ModeChooser(probe=4)
-    assert c.choose(4) is True  # not measured: MTP first
+    c = ModeChooser(probe=4, ema=0.5)
+    assert c.choose(4) is True  # nothing measured: MTP first
     c.record(True, 4, tokens=7, seconds=0.01)  # 700 tok/s
     assert c.choose(4) is False  # then plain
     c.record(False, 4, tokens=4, seconds=0.005)  # 800 tok/s
     picks = [c.choose(4) for _ in range(8)]
-    assert picks.count(True) == 2 and picks[3] is True and picks[7] is True  # the slower, every 4th pass
-    for _ in range(10):
-        c.record(True, 4, tokens=8, seconds=0.008)  # MTP now faster: 1000 tok/s
-    assert c.choose(4) is True and c.choose(8) is True  # another batch size is measured on its own
+    assert picks == [False, False, False, True] * 2  # the slower, every 4th pass
+    # A CPU-like machine: an MTP pass costs 0.5 ms + 4 ms per member (1.75 tokens each), a plain pass
+    # 4 ms + 0.25 ms per member. MTP wins at 1 (1.75 / 4.5 ms against 1 / 4.25 ms) and plain from 2 on
+    # (3.5 / 8.5 ms against 2 / 4.5 ms), for sizes measured or not.
+    c = ModeChooser(probe=1000)
+    for b in (1, 3):
+        c.record(True, b, tokens=1.75 * b, seconds=0.0005 + 0.004 * b)
+        c.record(False, b, tokens=b, seconds=0.004 + 0.00025 * b)
+    assert [c.choose(b) for b in (1, 2, 5, 8, 16)] == [True, False, False, False, False]
+    # A Mac-like machine, bound by reading the weights: the passes cost about the same; MTP wins throughout.
+    c = ModeChooser(probe=1000)
+    for b in (2, 6):
+        c.record(True, b, tokens=1.8 * b, seconds=0.05 + 0.001 * b)
+        c.record(False, b, tokens=b, seconds=0.05 + 0.0005 * b)
+    assert all(c.choose(b) for b in (1, 2, 4, 8, 12))
 
 
 def test_prompts_arriving_together_prefill_in_one_pass(model, monkeypatch):
