@@ -38,12 +38,20 @@ class ModeChooser:
         self.probe, self.ema, self.passes = probe, ema, 0
         self.sums: dict[bool, list[float]] = {}  # mode -> decayed [n, sum B, sum t, sum B^2, sum B t, sum tokens/B]
 
-    def seconds(self, mtp: bool, batch: int) -> float:
-        """A pass's predicted time. One measured size only: its mean (a constant cost)."""
+    def _fit(self, mtp: bool) -> tuple[float, float, float | None]:
+        """(mean B, mean time, time per member or None where one size only was measured)."""
         n, sb, st, sbb, sbt, _ = self.sums[mtp]
         mean_b, mean_t = sb / n, st / n
         var = sbb / n - mean_b ** 2
-        slope = max(0.0, (sbt / n - mean_b * mean_t) / var) if var > 1e-6 else 0.0
+        return mean_b, mean_t, (max(0.0, (sbt / n - mean_b * mean_t) / var) if var > 1e-3 else None)
+
+    def seconds(self, mtp: bool, batch: int) -> float:
+        """A pass's predicted time. Where one size only was measured, the cost per member comes from the
+        other mode's fit, per row (an MTP pass runs two rows per member, a plain pass one), else 0."""
+        mean_b, mean_t, slope = self._fit(mtp)
+        if slope is None:
+            other = self._fit(not mtp)[2] if (not mtp) in self.sums else None
+            slope = 0.0 if other is None else other * (2.0 if mtp else 0.5)
         return max(1e-9, mean_t + slope * (batch - mean_b))
 
     def rate(self, mtp: bool, batch: int) -> float:

@@ -267,6 +267,13 @@ def test_mode_chooser_fits_pass_times_and_probes_the_other():
         c.record(True, b, tokens=1.75 * b, seconds=0.0005 + 0.004 * b)
         c.record(False, b, tokens=b, seconds=0.004 + 0.00025 * b)
     assert [c.choose(b) for b in (1, 2, 5, 8, 16)] == [True, False, False, False, False]
+    # MTP measured at one size only: its cost per member is borrowed from plain's fit, per row (two per
+    # member): plain 2 ms + 1 ms per member, so MTP 4 ms at 1 grows 2 ms per member; plain wins at 8.
+    c = ModeChooser(probe=1000)
+    c.record(True, 1, tokens=1.75, seconds=0.004)
+    for b in (1, 3):
+        c.record(False, b, tokens=b, seconds=0.002 + 0.001 * b)
+    assert [c.choose(b) for b in (1, 8)] == [True, False]
     # A Mac-like machine, bound by reading the weights: the passes cost about the same; MTP wins throughout.
     c = ModeChooser(probe=1000)
     for b in (2, 6):
