@@ -10,6 +10,11 @@ sequence's PromptCache when it leaves (or the group dissolves for a lone MTP seq
 A new prompt prefills one chunk per step (`Engine.prefill_chunks`) between decode steps, so the
 running streams do not stall behind a long prompt.
 
+Plain passes are pipelined as mlx-lm decodes: a pass is built from the previous pass's tokens still on
+the device and evaluated asynchronously before the host reads those tokens, so Python builds pass n+1
+while the device computes pass n; a sequence's token comes out at the step after its pass. Plain
+passes leave the MTP layer's slots to one batched catch-up (DecodeGroup.catch_up).
+
 MTP: a sequence decoding alone (the only one) uses the engine's own MTP speculative decoding
 (`_decode_mtp`, num_draft drafts). In a batch MTP keeps working with per-sequence acceptance
 (`_mtp_step`, one draft per sequence): each pass verifies every member's [last token, draft] ([B, 2]),
@@ -27,13 +32,12 @@ Knows nothing of text: the caller turns tokens into text and says when a sequenc
 
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from .batch_cache import BatchLayerCache
+from .batch_cache import BatchLayerCache, DecodeGroup
 from .batch_mtp import ModeChooser, MTPBatching
 from .engine import Engine, StepStats, catch_up_mtp, defer_mtp, feed_mtp
 from .prompt_cache import PromptCache, common_prefix
@@ -63,77 +67,6 @@ class Sequence:
     @property
     def prefilling(self) -> bool:
         return self.chunks is not None
-
-
-# Plain passes leave their MTP slots for one batched MTP pass, after at most this many passes.
-LAZY_MTP_PASSES = 32
-
-
-class DecodeGroup:
-    """The decoding sequences' caches as batch buffers: one BatchLayerCache per layer (and for the MTP
-    layer, when every member has an MTP cache).
-
-    Built in the plain state: `pending` [B, m, hidden] holds h of each member's last m positions, whose
-    MTP slots wait for the tokens after them. Plain passes do not run the MTP layer: they append their
-    h to `pending` and their tokens to `fed`, and `catch_up` writes those slots in one [B, m-1] pass
-    (before drafting, when the group dissolves, or every LAZY_MTP_PASSES passes): one MTP pass
-    instead of one per token. Drafting state (`ahead`, MTP passes; see batch_mtp): each member's slot
-    at its last position is written, paired with the token to verify next (not in the members' tokens
-    yet), and `drafts` [B] / `draft_logits` [B, V] hold each member's draft. Dissolving settles it
-    back to the plain state."""
-
-    serials = itertools.count()
-
-    def __init__(self, model, seqs: list[Sequence]):
-        self.model, self.seqs, self.serial = model, list(seqs), next(DecodeGroup.serials)
-        n = model.args.num_hidden_layers
-
-        self.layers = [BatchLayerCache.of([s.pc.cache[layer] for s in seqs]) for layer in range(n)]
-        with_mtp = all(s.pc.mtp_cache is not None for s in seqs)
-        self.mtp = BatchLayerCache.of([s.pc.mtp_cache for s in seqs]) if with_mtp else None
-        self.pending = mx.concatenate([s.pc.pending for s in seqs], axis=0) if with_mtp else None
-        self.fed: list[mx.array] = []  # tokens [B, 1] of plain passes whose MTP slots wait (catch_up)
-        self.ahead, self.drafts, self.draft_logits = False, None, None
-
-    @staticmethod
-    def accepts(seqs: list[Sequence]) -> bool:
-        """Members' MTP state must be uniform and one position behind (as after a prefill or a step)."""
-        has = [s.pc.mtp_cache is not None for s in seqs]
-        if any(has) and not all(has):
-            return False
-        return all(s.pc.pending is not None and s.pc.pending.shape[1] == 1 and
-                   s.pc.mtp_cache.offset == len(s.pc.tokens) - 1 for s in seqs) if all(has) else True
-
-    def plain_pass(self, toks: mx.array, hidden: mx.array):
-        """A plain pass fed toks [B, 1] and gave hidden [B, 1, hidden]: their MTP slots wait."""
-        if self.mtp is not None:
-            self.pending = mx.concatenate([self.pending, hidden], axis=1)
-            self.fed.append(toks)
-            if len(self.fed) >= LAZY_MTP_PASSES:
-                self.catch_up()
-
-    def catch_up(self):
-        """Write the MTP slots plain passes left, each pending h with the token fed after it, in one pass."""
-        if self.fed:
-            self.model.mtp_hidden(self.pending[:, :-1], mx.concatenate(self.fed, axis=1), cache=self.mtp)
-            self.pending, self.fed = self.pending[:, -1:], []
-
-    def dissolve(self):
-        """Every member's rows back into its own PromptCache, in the plain state."""
-        if self.mtp is not None:
-            self.catch_up()
-        for b, s in enumerate(self.seqs):
-            for layer, cache in zip(self.layers, s.pc.cache):
-                BatchLayerCache.store(cache, layer.rows(b))
-            if self.mtp is not None:
-                if self.ahead:  # settle: the drafted-ahead slot pairs with a token not in the cache
-                    self.mtp.trim(b, 1)
-                BatchLayerCache.store(s.pc.mtp_cache, self.mtp.rows(b))
-                s.pc.pending = self.pending[b : b + 1]
-
-    def arrays(self) -> list[mx.array]:
-        caches = self.layers + ([self.mtp] if self.mtp is not None else [])
-        return [a for c in caches for a in c.arrays()] + ([self.pending] if self.pending is not None else [])
 
 
 class BatchEngine(MTPBatching):
@@ -198,8 +131,9 @@ class BatchEngine(MTPBatching):
     # --- one scheduler step -------------------------------------------------------------------
     def step(self, first_tokens=None) -> list[tuple[object, int, list | None]]:
         """One prefill chunk (the oldest prefilling sequence) and one decode step for the others.
-        Returns the tokens produced: (key, token, logprobs or None), one or two per decoding sequence
-        (two where a batched MTP pass accepted its draft), and a just-prefilled sequence's first.
+        Returns the tokens produced: (key, token, logprobs or None), in order per sequence: for a
+        decoding sequence none (its first pipelined pass), one, or up to three (a pipelined token read
+        before an MTP pass whose draft was accepted), and a just-prefilled sequence's first.
         `first_tokens(tokens)`, if given, receives a just-prefilled sequence's first token before the
         others' decode step runs (and it is then not returned): its time to first token does not
         include that step."""

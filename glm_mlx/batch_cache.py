@@ -13,6 +13,8 @@ step's new rows as DSACache does.
 
 from __future__ import annotations
 
+import itertools
+
 import mlx.core as mx
 
 from .cache import GROWTH_STEP, DSACache, QuantizedKV, quantize_latent
@@ -172,3 +174,74 @@ class BatchLayerCache:
     def trim(self, b: int, n: int):
         """Drop sequence b's last n rows (a rejected draft); the buffer keeps them, masked, until overwritten."""
         self.lengths[b] -= n
+
+
+# Plain passes leave their MTP slots for one batched MTP pass, after at most this many passes.
+LAZY_MTP_PASSES = 32
+
+
+class DecodeGroup:
+    """The decoding sequences' caches as batch buffers: one BatchLayerCache per layer (and for the MTP
+    layer, when every member has an MTP cache).
+
+    Built in the plain state: `pending` [B, m, hidden] holds h of each member's last m positions, whose
+    MTP slots wait for the tokens after them. Plain passes do not run the MTP layer: they append their
+    h to `pending` and their tokens to `fed`, and `catch_up` writes those slots in one [B, m-1] pass
+    (before drafting, when the group dissolves, or every LAZY_MTP_PASSES passes): one MTP pass
+    instead of one per token. Drafting state (`ahead`, MTP passes; see batch_mtp): each member's slot
+    at its last position is written, paired with the token to verify next (not in the members' tokens
+    yet), and `drafts` [B] / `draft_logits` [B, V] hold each member's draft. Dissolving settles it
+    back to the plain state."""
+
+    serials = itertools.count()
+
+    def __init__(self, model, seqs: list):
+        self.model, self.seqs, self.serial = model, list(seqs), next(DecodeGroup.serials)
+        n = model.args.num_hidden_layers
+
+        self.layers = [BatchLayerCache.of([s.pc.cache[layer] for s in seqs]) for layer in range(n)]
+        with_mtp = all(s.pc.mtp_cache is not None for s in seqs)
+        self.mtp = BatchLayerCache.of([s.pc.mtp_cache for s in seqs]) if with_mtp else None
+        self.pending = mx.concatenate([s.pc.pending for s in seqs], axis=0) if with_mtp else None
+        self.fed: list[mx.array] = []  # tokens [B, 1] of plain passes whose MTP slots wait (catch_up)
+        self.ahead, self.drafts, self.draft_logits = False, None, None
+
+    @staticmethod
+    def accepts(seqs: list) -> bool:
+        """Members' MTP state must be uniform and one position behind (as after a prefill or a step)."""
+        has = [s.pc.mtp_cache is not None for s in seqs]
+        if any(has) and not all(has):
+            return False
+        return all(s.pc.pending is not None and s.pc.pending.shape[1] == 1 and
+                   s.pc.mtp_cache.offset == len(s.pc.tokens) - 1 for s in seqs) if all(has) else True
+
+    def plain_pass(self, toks: mx.array, hidden: mx.array):
+        """A plain pass fed toks [B, 1] and gave hidden [B, 1, hidden]: their MTP slots wait."""
+        if self.mtp is not None:
+            self.pending = mx.concatenate([self.pending, hidden], axis=1)
+            self.fed.append(toks)
+            if len(self.fed) >= LAZY_MTP_PASSES:
+                self.catch_up()
+
+    def catch_up(self):
+        """Write the MTP slots plain passes left, each pending h with the token fed after it, in one pass."""
+        if self.fed:
+            self.model.mtp_hidden(self.pending[:, :-1], mx.concatenate(self.fed, axis=1), cache=self.mtp)
+            self.pending, self.fed = self.pending[:, -1:], []
+
+    def dissolve(self):
+        """Every member's rows back into its own PromptCache, in the plain state."""
+        if self.mtp is not None:
+            self.catch_up()
+        for b, s in enumerate(self.seqs):
+            for layer, cache in zip(self.layers, s.pc.cache):
+                BatchLayerCache.store(cache, layer.rows(b))
+            if self.mtp is not None:
+                if self.ahead:  # settle: the drafted-ahead slot pairs with a token not in the cache
+                    self.mtp.trim(b, 1)
+                BatchLayerCache.store(s.pc.mtp_cache, self.mtp.rows(b))
+                s.pc.pending = self.pending[b : b + 1]
+
+    def arrays(self) -> list[mx.array]:
+        caches = self.layers + ([self.mtp] if self.mtp is not None else [])
+        return [a for c in caches for a in c.arrays()] + ([self.pending] if self.pending is not None else [])

@@ -226,10 +226,10 @@ def test_switching_between_mtp_and_plain_passes_keeps_greedy_output(model, every
     their MTP slots to a batched catch-up (before drafting, or every `lazy` passes): the drafts after
     it must be what a fed MTP layer drafts (a wrong slot shows as a changed acceptance, not output, so
     the drafts are compared too)."""
-    import glm_mlx.batch as batch
+    import glm_mlx.batch_cache as batch_cache
 
     if lazy:
-        monkeypatch.setattr(batch, "LAZY_MTP_PASSES", lazy)
+        monkeypatch.setattr(batch_cache, "LAZY_MTP_PASSES", lazy)
     ps = prompts()
     alone = [list(Engine(model, mtp=True).generate(p, max_tokens=N)) for p in ps]
     be = BatchEngine(model, max_batch=8, modes=Alternating(every))
