@@ -6,8 +6,9 @@ same checkpoint, same run, with the ratios printed.
 
 Workload (OpenAI chat API, streamed, greedy, thinking off; the agent turns ask for logprobs so that
 every token's chunk is seen, also when the model starts with tool-call markup a server holds back):
-  1. throughput: the same requests one by one, then 4 and then 8 at once; aggregate generated
-     tok/s of each concurrent wave over the same requests one by one;
+  1. throughput: for n = 4 and 8, n requests one by one, then n more like them (fresh prompts: no
+     cache hits) at once; aggregate generated tok/s of the concurrent wave over the one-by-one wave,
+     in --reps rounds (medians: a shared 2-core machine has bursts of noise);
   2. agent sessions: every session shares a system prompt + tool schemas, then a conversation grows
      turn by turn (user message, the model's reply appended as it came: its tool calls, and a result
      for each, as an agent sends them back); sessions run two at a time. TTFT per
@@ -160,16 +161,23 @@ def wave(client, prompts, max_tokens, concurrent: bool) -> tuple[float, int]:
     return time.perf_counter() - t0, sum(r["completion"] for r in results)
 
 
-def throughput(server: Server, max_tokens: int, seed: int) -> dict:
+def throughput(server: Server, max_tokens: int, seed: int, reps: int) -> dict:
+    """Per n (4, 8): `reps` rounds, each the n requests one by one and then n fresh ones at once (fresh
+    prompts every round: no cache hits). A round's ratio compares waves run seconds apart; the
+    medians over rounds stand against a shared machine's bursts of noise."""
     client = server.client()
     ask(client, [{"role": "user", "content": "warm up"}], 8)
     out = {}
     for n in (4, 8):
-        prompts = [text(40, seed + 1000 * n + i) for i in range(n)]
-        t1, g1 = wave(client, prompts, max_tokens, concurrent=False)
-        prompts = [text(40, seed + 1000 * n + i + 500) for i in range(n)]  # fresh prompts: no cache hits
-        tn, gn = wave(client, prompts, max_tokens, concurrent=True)
-        out[n] = {"one_by_one_tps": g1 / t1, "concurrent_tps": gn / tn, "ratio": (gn / tn) / (g1 / t1)}
+        rounds = []
+        for r in range(reps):
+            base = seed + 1000 * n + 100 * r
+            t1, g1 = wave(client, [text(40, base + i) for i in range(n)], max_tokens, concurrent=False)
+            tn, gn = wave(client, [text(40, base + 50 + i) for i in range(n)], max_tokens, concurrent=True)
+            rounds.append({"one_by_one_tps": g1 / t1, "concurrent_tps": gn / tn, "ratio": (gn / tn) / (g1 / t1)})
+        med = {k: statistics.median(x[k] for x in rounds) for k in ("one_by_one_tps", "concurrent_tps", "ratio")}
+        out[n] = {**med, "ratio_min": min(x["ratio"] for x in rounds), "ratio_max": max(x["ratio"] for x in rounds),
+                  "rounds": rounds}
     return out
 
 
@@ -284,6 +292,7 @@ def main():
     p.add_argument("--tools", type=int, default=6, help="tool schemas in the shared prefix")
     p.add_argument("--turn-words", type=int, default=40)
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--reps", type=int, default=5, help="rounds of each throughput wave (medians reported)")
     p.add_argument("--no-mlx-lm", action="store_true")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--project-only", action="store_true", help="print the GLM-5.1 projection and exit")
@@ -301,7 +310,7 @@ def main():
         server = Server(kind, model, cache, work / f"{kind}.log").start()
         try:
             print(f"[{kind}] throughput ...", file=sys.stderr, flush=True)
-            tp = throughput(server, a.max_tokens, seed=0)
+            tp = throughput(server, a.max_tokens, seed=0, reps=a.reps)
             recs = []
             if kind != "glm-mlx-no-mtp":
                 print(f"[{kind}] agent sessions ...", file=sys.stderr, flush=True)
@@ -318,13 +327,15 @@ def main():
 
 def report(results: dict):
     kinds = list(results)
-    print("\n## Throughput: aggregate generated tok/s, concurrent over the same requests one by one")
+    print("\n## Throughput: aggregate generated tok/s, concurrent over the same requests one by one "
+          "(medians over rounds; the ratio's range in brackets)")
     print("| server | 1-by-1 tok/s (4 req) | 4 concurrent | ratio | 1-by-1 tok/s (8 req) | 8 concurrent | ratio |")
     print("|---|---|---|---|---|---|---|")
     for k in kinds:
         t = results[k]["throughput"]
-        print(f"| {k} | {t[4]['one_by_one_tps']:.1f} | {t[4]['concurrent_tps']:.1f} | **{t[4]['ratio']:.2f}x** | "
-              f"{t[8]['one_by_one_tps']:.1f} | {t[8]['concurrent_tps']:.1f} | **{t[8]['ratio']:.2f}x** |")
+        cells = [f"{t[n]['one_by_one_tps']:.1f} | {t[n]['concurrent_tps']:.1f} | **{t[n]['ratio']:.2f}x** "
+                 f"({t[n]['ratio_min']:.2f}-{t[n]['ratio_max']:.2f})" for n in (4, 8)]
+        print(f"| {k} | {cells[0]} | {cells[1]} |")
     print("\n## Agent sessions: TTFT per turn (seconds) and prompt tokens by source")
     print("| server | turn | n | TTFT p50 | TTFT p95 | % of cold p50 | prompt tokens | from RAM | from disk | computed |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -339,9 +350,11 @@ def report(results: dict):
     if "mlx-lm" in results:
         g, m = results["glm-mlx"], results["mlx-lm"]
         print("\n## glm-mlx / mlx-lm")
-        for n in (4, 8):
-            print(f"- {n} concurrent: batching gain {g['throughput'][n]['ratio']:.2f}x vs {m['throughput'][n]['ratio']:.2f}x; "
-                  f"aggregate tok/s {g['throughput'][n]['concurrent_tps'] / m['throughput'][n]['concurrent_tps']:.2f}x")
+        for kind in [k for k in ("glm-mlx", "glm-mlx-no-mtp") if k in results]:
+            for n in (4, 8):
+                t, tm = results[kind]["throughput"][n], m["throughput"][n]
+                print(f"- {kind}, {n} concurrent: batching gain {t['ratio']:.2f}x vs {tm['ratio']:.2f}x; "
+                      f"aggregate tok/s {t['concurrent_tps'] / tm['concurrent_tps']:.2f}x")
         for kind in ("warm", "after restart"):
             gp = g["turns"][kind]["p50"] / g["turns"]["cold"]["p50"]
             mp = m["turns"][kind]["p50"] / m["turns"]["cold"]["p50"]
