@@ -12,7 +12,8 @@ every token's chunk is seen, also when the model starts with tool-call markup a 
   2. agent sessions: every session shares a system prompt + tool schemas, then a conversation grows
      turn by turn (user message, the model's reply appended as it came: its tool calls, and a result
      for each, as an agent sends them back); sessions run two at a time. TTFT per
-     turn: cold (nothing cached), first turn of a later session (the shared prefix cached), warm
+     turn: cold (nothing cached; the first session's first turn and two like it with renamed
+     tools), first turn of a later session (the shared prefix cached), warm
      continuations; then the server restarts and every session takes one more turn (glm-mlx: from
      its SSD prefix cache; mlx-lm keeps its cache in RAM only).
 It reports TTFT p50/p95 per kind of turn, prompt tokens served from RAM / disk / computed (glm-mlx
@@ -47,9 +48,9 @@ def text(n_words: int, seed: int) -> str:
     return " ".join((WORDS * 3)[start : start + n_words])
 
 
-def tools(n: int) -> list[dict]:
+def tools(n: int, prefix: str = "") -> list[dict]:
     return [{"type": "function", "function": {
-        "name": f"tool_{i}", "description": text(30, 100 + i),
+        "name": f"{prefix}tool_{i}", "description": text(30, 100 + i),
         "parameters": {"type": "object", "properties": {f"arg_{j}": {"type": "string", "description": text(6, i * 10 + j)}
                                                          for j in range(4)}, "required": ["arg_0"]}}}
             for i in range(n)]
@@ -200,6 +201,13 @@ def sessions(server: Server, n_sessions: int, turns: int, system_words: int, n_t
         convs[s] += [{"role": "tool", "tool_call_id": c["id"], "content": '{"status": "ok"}'} for c in r["tool_calls"]]
         records.append({"session": s, "turn": t, "kind": kind, **{k: r[k] for k in ("ttft", "prompt", "cached", "disk")}})
 
+    # Two more cold prompts, the first session's with its tools renamed (the template puts the tools
+    # first: nothing after the first name is shared) and a user message of its own: cold is the
+    # denominator of every share, and one sample moves with every burst of a shared machine's noise.
+    for i in range(2):
+        msgs = [system, {"role": "user", "content": text(turn_words, 200 + i)}]
+        r = ask(server.client(), msgs, max_tokens, tools(n_tools, prefix=f"probe{i}_"), logprobs=True)
+        records.append({"session": -1, "turn": 0, "kind": "cold", **{k: r[k] for k in ("ttft", "prompt", "cached", "disk")}})
     turn(0, 0, "cold")
     for s in range(1, n_sessions):
         turn(s, 0, "shared prefix")
@@ -292,7 +300,7 @@ def main():
     p.add_argument("--tools", type=int, default=6, help="tool schemas in the shared prefix")
     p.add_argument("--turn-words", type=int, default=40)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--reps", type=int, default=5, help="rounds of each throughput wave (medians reported)")
+    p.add_argument("--reps", type=int, default=7, help="rounds of each throughput wave (medians reported)")
     p.add_argument("--no-mlx-lm", action="store_true")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--project-only", action="store_true", help="print the GLM-5.1 projection and exit")

@@ -77,12 +77,17 @@ class BatchEngine(MTPBatching):
                  prefill_together: bool | None = None):
         """modes: what decides, per pass, whether a batch verifies MTP drafts (`choose(batch) -> bool`,
         `record(mtp, batch, tokens, seconds)`); default a ModeChooser, which measures.
-        prefill_together: prompts arriving together prefill in one pass; None: on a GPU, where a pass
-        is bound by reading the weights. On the CPU backend a pass's cost grows with its rows, so a
-        joint pass only makes the first prompt wait for the others (measured: a warm turn's first
-        token 40 -> 65 ms when two arrive together)."""
+        prefill_together: prompts arriving together prefill in one pass (True: two or more; False: never).
+        None: two or more on a GPU, where a pass is bound by reading the weights; three or more on the
+        CPU backend, where a pass's cost grows with its rows. There a joint pass makes the first prompt
+        wait for the others' compute: for two, most of the second's prefill for a small saving
+        (measured: a warm turn's first token 40 -> 65 ms); for more, the last of them waits for all
+        the others either way, and they then decode in lockstep instead of joining the batch one by
+        one and leaving it one by one (measured on 8 at once: see the README)."""
         self.model, self.max_batch, self.prefill_budget = model, max_batch, prefill_budget
-        self.prefill_together = mx.default_device() == mx.gpu if prefill_together is None else prefill_together
+        gpu = mx.default_device() == mx.gpu
+        # the fewest prompts that prefill together (0: never)
+        self.together_min = (2 if gpu else 3) if prefill_together is None else (2 if prefill_together else 0)
         self.seqs: list[Sequence] = []  # in arrival order
         self.group: DecodeGroup | None = None
         self.modes = modes or ModeChooser()
@@ -191,7 +196,7 @@ class BatchEngine(MTPBatching):
         from .attention import INDEX_SCORE_BUDGET
 
         fresh = [s for s in prefilling if s.chunk is None]
-        if len(fresh) < 2 or not self.prefill_together:
+        if not self.together_min or len(fresh) < self.together_min:
             return []
         others_decode = any(not s.prefilling for s in self.seqs)
         budget = self.prefill_budget if others_decode and self.prefill_budget else fresh[0].engine.prefill_step
@@ -206,7 +211,7 @@ class BatchEngine(MTPBatching):
             if t > budget or (len(chosen) + 1) * lng * ctx * h > INDEX_SCORE_BUDGET:
                 break
             chosen, total, longest, context = chosen + [s], t, lng, ctx
-        return chosen if len(chosen) > 1 else []
+        return chosen if len(chosen) >= max(2, self.together_min) else []
 
     def _prefill_together(self, seqs: list[Sequence]):
         """Prefill several prompts in one main-model pass ([B, L], right-padded; each row at its own

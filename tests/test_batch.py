@@ -303,3 +303,21 @@ def test_prompts_arriving_together_prefill_in_one_pass(model, monkeypatch):
     outs = drain(be, len(turns))
     assert calls == [len(turns)]
     assert outs == alone
+
+
+def test_how_many_prompts_prefill_together(model, monkeypatch):
+    """The default: on a GPU two or more arriving prompts prefill together; on the CPU backend three or
+    more (two would make the first wait for the second's compute for a small saving)."""
+    ps = [p[:9] for p in prompts() if len(p) >= 9]  # like lengths
+    calls = []
+    real = BatchEngine._prefill_together
+    monkeypatch.setattr(BatchEngine, "_prefill_together", lambda self, seqs: calls.append(len(seqs)) or real(self, seqs))
+    for device, n, joint in (("cpu", 2, []), ("cpu", 3, [3]), ("gpu", 2, [2])):
+        calls.clear()
+        with monkeypatch.context() as m:
+            m.setattr(mx, "default_device", lambda: mx.gpu if device == "gpu" else mx.cpu)
+            be = BatchEngine(model, max_batch=8)
+        for i in range(n):
+            be.add(i, ps[i], PromptCache.fresh(model, mtp=False), Engine(model, mtp=False), 3)
+        drain(be, n, 3)
+        assert calls == joint, (device, n)
