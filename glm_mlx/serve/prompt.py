@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 
 from ..generate import ends_in_thinking, render_chat
+from .tokens import encode_prompt
 
 
 class BadRequest(Exception):
@@ -76,7 +77,7 @@ def render(tokenizer, messages: list[dict], *, tools: list[dict] | None, thinkin
             text, in_think = text + "</think>", False
         text += forced
     check_unicode(text, "messages")
-    ids = list(tokenizer.encode(text, add_special_tokens=False))
+    ids = encode_prompt(tokenizer, text)  # earlier turns' ids reused (tokens.py)
     return Prompt(ids=ids, thinking=in_think, forced=forced, parse_tools=parse_tools)
 
 
