@@ -22,7 +22,7 @@ a member whose draft matches its greedy token emits two tokens and the others on
 cache row is dropped), and the MTP layer writes each member's slots and drafts for the next pass in
 the same graph, so a pass syncs the host once. Members that cannot draft (logits processors, logprobs,
 MTP off) take one token per step from their own sampler in the same pass. Whether a pass verifies
-drafts is chosen per batch size from measured speed (batch_mtp.ModeChooser). When a second sequence
+drafts is chosen from measured pass times (batch_mtp.ModeChooser). When a second sequence
 arrives, a lone drafting generator is closed (its caches settle) and the sequence rejoins through a
 one- or two-token prefill of its own tokens. Greedy output is the same either way: MTP's greedy output
 equals plain greedy decoding.
