@@ -62,3 +62,13 @@ def test_a_long_conversation_tokenizes_only_its_new_turn(tokenizer, monkeypatch)
         text += "a reply " * 10
     assert seen[0] == len("[gMASK]<sop><|system|>\n" + words) + len("<|user|>\nturn 0 ") + 200 + len("<|assistant|>\n")
     assert all(n < 400 for n in seen[1:])  # later turns: from their last shared marker on
+
+
+def test_a_tokenizer_without_offsets_encodes_whole(tokenizer, monkeypatch):
+    """A slow tokenizer gives no token offsets: every text is encoded whole, with the same ids."""
+    cache = TokenCache(tokenizer)
+    monkeypatch.setattr(type(cache.hf), "is_fast", property(lambda self: False))
+    slow = TokenCache(tokenizer)
+    assert slow.marker_re is None
+    text = "[gMASK]<sop><|system|>\nhi<|user|>\nhello<|assistant|>\n"
+    assert slow.encode(text) == whole(tokenizer, text) == cache.encode(text)

@@ -29,7 +29,9 @@ class TokenCache:
         self.hf = getattr(tokenizer, "_tokenizer", tokenizer)
         added = {t.content for t in getattr(self.hf, "added_tokens_decoder", {}).values()}
         markers = [m for m in ROLE_MARKERS if m in added]
-        self.marker_re = re.compile("|".join(map(re.escape, markers))) if markers else None
+        # Cuts need token offsets, which only fast (Rust) tokenizers give; a slow one encodes whole.
+        fast = getattr(self.hf, "is_fast", False)
+        self.marker_re = re.compile("|".join(map(re.escape, markers))) if markers and fast else None
         self.size = size
         self.renders: OrderedDict[int, tuple[str, list[int]]] = OrderedDict()  # serial -> (text, ids), LRU last
         self.index: dict[int, tuple[int, int, int]] = {}  # chain hash -> (serial, char cut, token cut)
@@ -53,7 +55,7 @@ class TokenCache:
 
     def encode(self, text: str) -> list[int]:
         if self.marker_re is None:
-            return self._encode(text)[0]
+            return list(self.hf.encode(text, add_special_tokens=False))
         chain = self._chain(text)
         base_char, base_ids = 0, []
         with self.lock:
