@@ -321,3 +321,16 @@ def test_how_many_prompts_prefill_together(model, monkeypatch):
             be.add(i, ps[i], PromptCache.fresh(model, mtp=False), Engine(model, mtp=False), 3)
         drain(be, n, 3)
         assert calls == joint, (device, n)
+
+
+def test_history_dependent_sampling_in_a_batch_equals_alone(model):
+    """Logits processors read the token history: in a pipelined batch pass the token just fed is still
+    on the device, and the history must end with it (a repetition penalty shows an off-by-one)."""
+    ps = prompts()[:4]
+    params = SamplingParams(temp=0.0, repetition_penalty=1.8, presence_penalty=0.5)
+    alone = [list(Engine(model, params, mtp=False).generate(p, max_tokens=N)) for p in ps]
+    assert alone != [list(Engine(model, mtp=False).generate(p, max_tokens=N)) for p in ps]  # the penalty acts
+    be = BatchEngine(model, max_batch=4)
+    for i, p in enumerate(ps):
+        be.add(i, p, PromptCache.fresh(model, mtp=False), Engine(model, params, mtp=False), N)
+    assert drain(be, len(ps)) == alone
