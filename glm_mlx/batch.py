@@ -92,8 +92,9 @@ class BatchEngine(MTPBatching):
         self.group: DecodeGroup | None = None
         self.modes = modes or ModeChooser()
         self._timing = None  # the last decode pass, timed at the next step: (MTP?, B, tokens it made, start, valid?)
-        self._plain_group = None  # the group whose plain pass ran last (its successor waits only for it)
-        self._prefilled = False  # a prefill ran in this step (a plain pass after it waits for nothing)
+        # The group whose plain pass ran last with nothing after it (its successor waits only for it);
+        # None after an MTP pass or a prefill, which leave the next plain pass nothing to wait for.
+        self._plain_group = None
 
     def __len__(self):
         return len(self.seqs)
@@ -149,7 +150,8 @@ class BatchEngine(MTPBatching):
                 self.modes.record(mtp, batch, made, time.perf_counter() - begun)
             self._timing = None
         prefilling = [s for s in self.seqs if s.prefilling]
-        self._prefilled = bool(prefilling)
+        if prefilling:
+            self._plain_group = None
         together = self._prefill_batch(prefilling)
         if len(together) > 1:
             out += self._prefill_together(together)
@@ -290,15 +292,28 @@ class BatchEngine(MTPBatching):
             self.group.dissolve()
             self.group = None
 
-    def _settle(self, seqs: list[Sequence]):
-        """Read the sequences' pipelined tokens: each becomes the last generated token, not fed yet (the
-        state MTP passes and a lone MTP sequence start from). Returns them as step output."""
-        out = []
+    @staticmethod
+    def _read(seqs: list[Sequence]) -> dict:
+        """{key: (token, logprobs or None)} of the sequences' pipelined tokens, each pass's token array
+        copied to the host once (the members of a pass share it)."""
+        host, out = {}, {}
         for s in seqs:
             if s.unread is not None:
                 tokens, b, lp = s.unread
+                if id(tokens) not in host:
+                    host[id(tokens)] = tokens.tolist()
+                out[s.key] = host[id(tokens)][b], None if lp is None else lp[0].tolist()
+        return out
+
+    def _settle(self, seqs: list[Sequence]):
+        """Read the sequences' pipelined tokens: each becomes the last generated token, not fed yet (the
+        state MTP passes and a lone MTP sequence start from). Returns them as step output."""
+        read = self._read(seqs)
+        out = []
+        for s in seqs:
+            if s.key in read:
                 s.unread = None
-                out.append(self._emit(s, tokens.tolist()[b], None if lp is None else lp[0].tolist()))
+                out.append(self._emit(s, *read[s.key]))
         return out
 
     def _batch_step(self, decoding: list[Sequence]):
@@ -327,7 +342,7 @@ class BatchEngine(MTPBatching):
         # Timed at the next step. A pipelined plain pass's time is its building plus the wait for the pass
         # before it: it stands for a plain pass when that one was a plain pass of this group and no
         # prefill ran between them. An MTP pass waits for itself.
-        valid = g.ahead or (self._plain_group == g.serial and not self._prefilled)
+        valid = g.ahead or self._plain_group == g.serial
         self._timing = (g.ahead, len(decoding), len(step) if g.ahead else len(decoding), start, valid)
         self._plain_group = None if g.ahead else g.serial
         return out + step
@@ -355,14 +370,14 @@ class BatchEngine(MTPBatching):
                 own[b], lps[b] = self._sample(decoding[b], logits[b, -1:], fed[b])
             nxt = mx.concatenate([own[b].astype(mx.int32) if b in own else nxt[b : b + 1] for b in range(len(decoding))])
         mx.async_eval(nxt, *[lp for lp in lps.values() if lp is not None], *g.arrays())
+        read = self._read(decoding)  # the previous pass's tokens (this one computes meanwhile)
         out = []
         for b, s in enumerate(decoding):
-            if s.unread is None:
-                s.pc.tokens.append(s.generated[-1])
-            else:
-                tokens, row, lp = s.unread
-                tok = tokens.tolist()[row]
+            if s.key in read:
+                tok, lp = read[s.key]
                 s.pc.tokens.append(tok)
-                out.append(self._emit(s, tok, None if lp is None else lp[0].tolist()))
+                out.append(self._emit(s, tok, lp))
+            else:
+                s.pc.tokens.append(s.generated[-1])
             s.unread = (nxt, b, lps.get(b))
         return out
