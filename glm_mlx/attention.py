@@ -68,20 +68,20 @@ def chunks(n: int, size: int):
     return [(s, min(n, s + size)) for s in range(0, n, max(1, size))]
 
 
-def _first_k(values: mx.array, k: int) -> mx.array:
-    """values [..., n] -> bool [..., n]: each row's k largest, ties at the k-th value going to the lowest
-    indices (exactly k per row)."""
-    n = values.shape[-1]
-    kth = mx.partition(values, kth=n - k, axis=-1)[..., n - k : n - k + 1]  # [..., 1]
-    above, tied = values > kth, values == kth
-    need = k - above.astype(mx.int32).sum(axis=-1, keepdims=True)
-    return above | (tied & (mx.cumsum(tied.astype(mx.int32), axis=-1) <= need))
+def _ranked(values: mx.array, positions: mx.array, n: int) -> mx.array:
+    """values [..., m] (float), their positions [..., m] (< n) -> int64 keys that order as the values and,
+    among equal values, lower positions first: every key is unique, so one partition selects exactly
+    the k best with ties to the lowest positions (no tie-breaking pass: compare, cumsum, re-partition)."""
+    bits = (values.astype(mx.float32) + 0.0).view(mx.int32)  # + 0.0: -0.0 becomes 0.0 (they tie)
+    order = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # IEEE float order as int32: negatives' magnitude bits flipped
+    return (order.astype(mx.int64) << 32) | ((n - 1) - positions).astype(mx.int64)
 
 
-def _where_true(mask: mx.array, k: int) -> mx.array:
-    """[..., n] bool with k true per row -> their indices [..., k] (unordered)."""
-    n = mask.shape[-1]
-    return mx.argpartition(mask.astype(mx.int8), kth=n - k, axis=-1)[..., n - k :]
+def _best_k(keys: mx.array, k: int, n: int) -> mx.array:
+    """_ranked keys [..., m] -> the positions of the k largest [..., k] int32 (unordered)."""
+    m = keys.shape[-1]
+    top = mx.partition(keys, kth=m - k, axis=-1)[..., m - k :]
+    return ((n - 1) - (top & 0xFFFFFFFF)).astype(mx.int32)
 
 
 def select_top_k(scores: mx.array, k: int) -> mx.array:
@@ -93,22 +93,25 @@ def select_top_k(scores: mx.array, k: int) -> mx.array:
     blocks whose maxima rank highest (ties: lower block first), then take the k best of their k*b
     values. Exact: a block holding one of the k best has a maximum that fewer than k other blocks
     outrank. With b ~ sqrt(T/k) a row partitions T/b + k*b ~ 2 sqrt(T*k) values (2,900 -> ~860 for
-    glm-mini; 100K -> ~29K for GLM-5.1). Rows with fewer than k finite scores (causal or padding
+    glm-mini; 100K -> ~29K for GLM-5.1). Each stage is one partition of unique (value, position) keys
+    (`_ranked`): 0.74 against 1.28 ms for a 67-query prefill chunk at 2,900 keys on the CPU backend,
+    6.7 against 9.4 ms for a 512-query chunk. Rows with fewer than k finite scores (causal or padding
     -inf) also pick -inf positions (or the last one twice); the callers mask those."""
     T = scores.shape[-1]
     b = math.isqrt(T // k) if T >= k else 0
     if b < 2:
-        return _where_true(_first_k(scores, k), k).astype(mx.int32)
+        return _best_k(_ranked(scores, mx.arange(T), T), k, T)
     lead, m = scores.shape[:-1], T // b
     maxima = scores[..., : m * b].reshape(*lead, m, b).max(axis=-1)  # [..., m]
     if m * b < T:  # the tail, a shorter block
         maxima = mx.concatenate([maxima, scores[..., m * b :].max(axis=-1, keepdims=True)], axis=-1)
-    blocks = mx.sort(_where_true(_first_k(maxima, k), k), axis=-1)  # [..., k], ascending: candidates in position order
+    M = maxima.shape[-1]
+    blocks = _best_k(_ranked(maxima, mx.arange(M), M), k, M)  # [..., k]
     pos = (blocks[..., None] * b + mx.arange(b, dtype=blocks.dtype)).reshape(*lead, k * b)  # [..., k, b] -> [..., k*b]
     inside = pos < T  # the tail block's positions past the row
     pos = mx.minimum(pos, T - 1)
     cand = mx.where(inside, mx.take_along_axis(scores, pos, axis=-1), -mx.inf)  # [..., k*b]
-    return mx.take_along_axis(pos, _where_true(_first_k(cand, k), k), axis=-1).astype(mx.int32)
+    return _best_k(_ranked(cand, pos, T), k, T)
 
 
 class Indexer(nn.Module):

@@ -79,3 +79,13 @@ def test_padding_does_not_change_the_choice(T, pad, k, seed):
     alone = np.sort(np.array(select_top_k(mx.array(row), k)), axis=-1)
     padded = np.concatenate([row, np.full((1, pad), -np.inf, np.float32)], axis=-1)
     np.testing.assert_array_equal(np.sort(np.array(select_top_k(mx.array(padded), k)), axis=-1), alone)
+
+
+def test_signed_zeros_tie():
+    """The indexer's ReLU sums give exact zeros of either sign (w * 0.0 with a negative head weight is
+    -0.0): they are equal scores, so ties among them go to the lowest positions too."""
+    row = np.array([[-0.0, 0.0, -0.0, 0.0, -0.0, 1.0, -1.0, 0.0]], np.float32)
+    for k in (1, 2, 3, 5):
+        _check(row, k)
+        got = set(np.array(select_top_k(mx.array(row), k))[0].tolist())
+        assert got == {5, *range(k - 1)}

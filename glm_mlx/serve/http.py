@@ -43,6 +43,7 @@ def make_handler(worker: Worker, cfg: ServerConfig, log=None):
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive
+        disable_nagle_algorithm = True  # TCP_NODELAY: each SSE chunk leaves at once, not behind an ACK
         server_version = "glm-mlx"
 
         def log_message(self, fmt, *args):  # the access log below replaces the default lines
