@@ -230,6 +230,9 @@ class BatchEngine(MTPBatching):
             todos.append(s.prompt[reused:])
         L = max(len(t) for t in todos)
         layers = [BatchLayerCache.of([s.pc.cache[i] for s in seqs]) for i in range(self.model.args.num_hidden_layers)]
+        for s in seqs:
+            for cache in s.pc.cache:
+                BatchLayerCache.lend(cache)  # the padded buffers hold the rows until they are stored back
         hidden = self.model.model(mx.array([t + [0] * (L - len(t)) for t in todos]), layers)  # [B, L, hidden]
         last = mx.array([len(t) - 1 for t in todos])[:, None, None]  # [B, 1, 1]
         logits = self.model.lm_head(mx.take_along_axis(hidden, last, axis=1))[:, 0]  # [B, V]
@@ -279,6 +282,15 @@ class BatchEngine(MTPBatching):
         seq.generated.append(tok)
         seq.stats.generated = len(seq.generated)
         return seq.key, tok, None
+
+    def cache_of(self, key) -> PromptCache | None:
+        """A sequence's cache as it stands: its own, or, while it decodes in the batch (its own lent to
+        the batch buffers), a snapshot viewing its rows there (drop it before the next step)."""
+        for seq in self.seqs:
+            if seq.key == key:
+                rows = [b for b, s in enumerate(self.group.seqs) if s is seq] if self.group is not None else []
+                return self.group.snapshot(rows[0]) if rows else seq.pc
+        return None
 
     def discard_group(self):
         """After a failed step: forget the batch buffers without writing them back (they may be half

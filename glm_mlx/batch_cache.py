@@ -84,6 +84,14 @@ class BatchLayerCache:
         return [p[b : b + 1, :, :n] for p in self.kv], [p[b : b + 1, :, :n] for p in self.index]
 
     @staticmethod
+    def lend(cache: DSACache):
+        """A sequence's rows are in a batch buffer now: its own buffers go (its offset stays), so every
+        cache is held once, as the memory plan counts it, not twice for as long as the batch decodes.
+        `store` gives them back when it leaves."""
+        for buf in cache._kv + cache._index:
+            buf.data = None
+
+    @staticmethod
     def store(cache: DSACache, rows: tuple[list[mx.array], list[mx.array]]):
         """Write a batch row back into a sequence's own cache (it leaves the batch)."""
         kv, index = rows
@@ -205,6 +213,9 @@ class DecodeGroup:
         self.pending = mx.concatenate([s.pc.pending for s in seqs], axis=0) if with_mtp else None
         self.fed: list[mx.array] = []  # tokens [B, 1] of plain passes whose MTP slots wait (catch_up)
         self.ahead, self.drafts, self.draft_logits = False, None, None
+        for s in seqs:
+            for cache in s.pc.all_caches():
+                BatchLayerCache.lend(cache)
 
     @staticmethod
     def accepts(seqs: list) -> bool:
@@ -241,6 +252,27 @@ class DecodeGroup:
                     self.mtp.trim(b, 1)
                 BatchLayerCache.store(s.pc.mtp_cache, self.mtp.rows(b))
                 s.pc.pending = self.pending[b : b + 1]
+
+    def snapshot(self, b: int):
+        """Member b's cache as a PromptCache viewing its rows in the batch buffers (its own are lent), for
+        the prefix cache to copy blocks out while it decodes. Drop it before the next pass: a view
+        alive then makes the pass copy a buffer instead of writing it in place."""
+        from .prompt_cache import PromptCache
+
+        seq = self.seqs[b]
+
+        def view(cache: DSACache, batch: BatchLayerCache, ahead: bool) -> DSACache:
+            out = DSACache(cache.has_indexer, cache.index_bits, cache.kv_bits, cache.kv_group_size)
+            out.latent_dim = cache.latent_dim
+            kv, index = batch.rows(b)
+            for buf, part in zip(out._kv + out._index, kv + index):
+                buf.data = part
+            out.offset = batch.lengths[b] - ahead  # a drafted-ahead MTP slot pairs with a token not in `tokens`
+            return out
+
+        caches = [view(c, layer, False) for c, layer in zip(seq.pc.cache, self.layers)]
+        mtp = view(seq.pc.mtp_cache, self.mtp, self.ahead) if self.mtp is not None else None
+        return PromptCache(cache=caches, mtp_cache=mtp, tokens=list(seq.pc.tokens))
 
     def arrays(self) -> list[mx.array]:
         caches = self.layers + ([self.mtp] if self.mtp is not None else [])

@@ -334,3 +334,39 @@ def test_history_dependent_sampling_in_a_batch_equals_alone(model):
     for i, p in enumerate(ps):
         be.add(i, p, PromptCache.fresh(model, mtp=False), Engine(model, params, mtp=False), N)
     assert drain(be, len(ps)) == alone
+
+
+def test_a_batch_holds_each_cache_once(model):
+    """While sequences decode together their rows live in the batch buffers only: each one's own cache
+    is lent (the memory plan counts one copy per sequence, not two). A snapshot views a member's rows
+    there, and what it shows equals the cache the member gets back when it leaves."""
+    rng = np.random.RandomState(3)
+    ps = [[int(t) for t in rng.randint(11, 80, size=n)] for n in (700, 500, 300, 600)]
+    mx.eval(model.parameters())
+    mx.clear_cache()
+    baseline = mx.get_active_memory()
+    be = BatchEngine(model, max_batch=4)
+    for i, p in enumerate(ps):
+        be.add(i, p, PromptCache.fresh(model, mtp=True), Engine(model, mtp=True, prefill_step=256), 40)
+    while not (be.group is not None and len(be.group.seqs) == 4):
+        be.step()
+    for _ in range(3):
+        be.step()
+    g = be.group
+    mx.eval(g.arrays())
+    per_token = model.cache_bytes_per_token(mtp=True)
+    group_bytes = sum(a.nbytes for a in g.arrays() if a is not g.pending)
+    assert group_bytes <= per_token * 4 * g.layers[0].capacity  # the padded buffers, nothing more
+    assert all(s.pc.nbytes == 0 for s in be.seqs)  # lent: no second copy
+    # Live memory says the same (two copies would be twice the buffers).
+    mx.clear_cache()
+    assert mx.get_active_memory() - baseline < 1.4 * group_bytes
+    snap = be.cache_of(2)
+    n = snap.cache[0].offset
+    want = [np.array(c.kv_parts()[0]) for c in snap.cache]
+    assert n == len(snap.tokens)
+    seq = be.remove(2)
+    assert seq.pc.cache[0].offset == n
+    for c, w in zip(seq.pc.cache, want):
+        np.testing.assert_array_equal(np.array(c.kv_parts()[0]), w)
+    assert be.cache_of(0) is not None and be.cache_of(99) is None

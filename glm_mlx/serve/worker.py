@@ -305,7 +305,7 @@ class Worker(threading.Thread):
         # token: copying them out is not on anyone's time to first token.
         if self.unsaved and not any(s.prefilling for s in self.batch.seqs) and self.jobs.empty():
             for job in [j for j in self.unsaved if j in self.running]:
-                self._save_prefix(self.running[job].seq.pc)
+                self._save_prefix(self.batch.cache_of(job))  # a decoding sequence's rows are in the batch
             self.unsaved.clear()
 
     def _emit(self, emitted):
