@@ -114,7 +114,9 @@ class BatchEngine(MTPBatching):
         holding a prefix of its tokens (a prompt cache can take it up again)."""
         for seq in self.seqs:
             if seq.key == key:
-                self._dissolve()
+                rows = [b for b, s in enumerate(self.group.seqs) if s is seq] if self.group is not None else []
+                if rows:  # its rows back now; the others stay in the buffers until the next regroup
+                    self.group.release(rows[0])
                 self.seqs.remove(seq)
                 if seq.solo is not None:
                     seq.solo.close()  # settles the MTP cache (engine's finally)
@@ -220,7 +222,6 @@ class BatchEngine(MTPBatching):
         offset after its reused prefix, its padding's cache rows dropped), feed each MTP cache, sample
         each first token. Weights are read once for all of them, as in a decode step."""
         start = time.perf_counter()
-        self._dissolve()  # the padded pass builds its own buffers from the members' caches
         todos = []
         for s in seqs:
             s.chunks.close()  # not started: nothing to undo
@@ -339,13 +340,20 @@ class BatchEngine(MTPBatching):
             decoding = [s for s in decoding if len(s.generated) < s.max_tokens]
             if not decoding:
                 return out
-        if self.group is None or [s.key for s in self.group.seqs] != [s.key for s in decoding]:
-            self._dissolve()
-            for s in decoding:
+        g = self.group
+        if g is None or [id(s) for s in g.seqs] != [id(s) for s in decoding]:
+            staying = [m for m in g.seqs if m is not None and any(m is s for s in decoding)] if g is not None else []
+            joining = [s for s in decoding if not any(m is s for m in staying)]
+            for s in joining:
                 catch_up_mtp(self.model, s.pc)  # a prefill's deferred MTP slots
-            if not DecodeGroup.accepts(decoding):
+            if not (g.can_join(joining) if staying else DecodeGroup.accepts(joining)):
                 raise RuntimeError("sequences in different MTP states cannot decode together")
-            self.group = DecodeGroup(self.model, decoding)
+            decoding = staying + joining  # the new group's row order
+            if staying:
+                self.group = g.regroup(decoding)
+            else:
+                self._dissolve()
+                self.group = DecodeGroup(self.model, decoding)
         g = self.group
         if drafting:
             self._set_mode(decoding, mtp)

@@ -47,13 +47,20 @@ class BatchLayerCache:
         T = max(GROWTH_STEP, -(-(max(lengths) + 1) // GROWTH_STEP) * GROWTH_STEP)
 
         def stack(parts):
-            """Per part, the rows padded to T; an empty cache's row (None: it never held a token) takes its
-            shape from another row, and a part no row holds yet stays None until the first write."""
+            """Per part, one [B, 1, T, .] buffer, each row written into it in place (padded copies of every
+            row alive at once would be a third copy of the batch); an empty cache's row (None: it never
+            held a token) stays zero, and a part no row holds yet stays None until the first write."""
             out = []
             for group in zip(*parts):
                 held = next((p for p in group if p is not None), None)
-                out.append(None if held is None else
-                           mx.concatenate([_pad(held[:, :, :0] if p is None else p, T) for p in group], axis=0))
+                if held is None:
+                    out.append(None)
+                    continue
+                buf = mx.zeros((len(group), 1, T) + held.shape[3:], held.dtype)
+                for b, p in enumerate(group):
+                    if p is not None and p.shape[2]:
+                        buf[b : b + 1, :, : p.shape[2]] = p
+                out.append(buf)
             return out
 
         batch = cls(has_indexer, index_bits, stack([r[0] for r in rows]), stack([r[1] for r in rows]), lengths,
@@ -62,13 +69,15 @@ class BatchLayerCache:
         return batch
 
     @classmethod
-    def of(cls, caches: list[DSACache]) -> "BatchLayerCache":
-        """One layer's batch buffer from each sequence's own cache of that layer."""
-        c = caches[0]
+    def of(cls, caches: list[DSACache], moved: "dict[int, tuple[BatchLayerCache, int]] | None" = None) -> "BatchLayerCache":
+        """One layer's batch buffer from each sequence's own cache of that layer; moved: {i: (another
+        batch buffer, row)} for members whose rows are there instead (their own caches are lent)."""
+        c, moved = caches[0], moved or {}
         if any((x.kv_bits, x.kv_group_size) != (c.kv_bits, c.kv_group_size) for x in caches):
             raise ValueError("caches with different kv_cache_bits cannot decode in one batch")
-        return cls.build([cls.rows_from(x) for x in caches], [x.offset for x in caches], c.has_indexer, c.index_bits,
-                         c.latent_dim, c.kv_bits, c.kv_group_size)
+        rows = [moved[i][0].rows(moved[i][1]) if i in moved else cls.rows_from(x) for i, x in enumerate(caches)]
+        lengths = [moved[i][0].lengths[moved[i][1]] if i in moved else x.offset for i, x in enumerate(caches)]
+        return cls.build(rows, lengths, c.has_indexer, c.index_bits, c.latent_dim, c.kv_bits, c.kv_group_size)
 
     @staticmethod
     def rows_from(cache: DSACache) -> tuple[list[mx.array], list[mx.array]]:
@@ -199,23 +208,71 @@ class DecodeGroup:
     instead of one per token. Drafting state (`ahead`, MTP passes; see batch_mtp): each member's slot
     at its last position is written, paired with the token to verify next (not in the members' tokens
     yet), and `drafts` [B] / `draft_logits` [B, V] hold each member's draft. Dissolving settles it
-    back to the plain state."""
+    back to the plain state.
+
+    Membership changes move rows once: a leaving member's rows go back to its own cache at once
+    (`release`, its row left dead), and the next step's `regroup` builds the buffers of the new
+    membership from these buffers and the joiners' own caches."""
 
     serials = itertools.count()
 
-    def __init__(self, model, seqs: list):
+    def __init__(self, model, seqs: list, old: "DecodeGroup | None" = None):
+        """seqs: the members, in row order. old: a settled group (plain state, caught up) whose members
+        among seqs bring their rows from its buffers; the others from their own caches."""
         self.model, self.seqs, self.serial = model, list(seqs), next(DecodeGroup.serials)
         n = model.args.num_hidden_layers
+        held = {id(s): b for b, s in enumerate(old.seqs) if s is not None} if old is not None else {}  # id(member) -> its row in old
+        at = {i: held[id(s)] for i, s in enumerate(seqs) if id(s) in held}  # new row -> old row
 
-        self.layers = [BatchLayerCache.of([s.pc.cache[layer] for s in seqs]) for layer in range(n)]
+        def layer_of(caches, old_layer):
+            return BatchLayerCache.of(caches, {i: (old_layer, b) for i, b in at.items()})
+
+        self.layers = [layer_of([s.pc.cache[i] for s in seqs], old.layers[i] if old else None) for i in range(n)]
         with_mtp = all(s.pc.mtp_cache is not None for s in seqs)
-        self.mtp = BatchLayerCache.of([s.pc.mtp_cache for s in seqs]) if with_mtp else None
-        self.pending = mx.concatenate([s.pc.pending for s in seqs], axis=0) if with_mtp else None
+        self.mtp = layer_of([s.pc.mtp_cache for s in seqs], old.mtp if old else None) if with_mtp else None
+        self.pending = mx.concatenate([old.pending[at[i]][None] if i in at else s.pc.pending
+                                       for i, s in enumerate(seqs)], axis=0) if with_mtp else None
         self.fed: list[mx.array] = []  # tokens [B, 1] of plain passes whose MTP slots wait (catch_up)
         self.ahead, self.drafts, self.draft_logits = False, None, None
-        for s in seqs:
-            for cache in s.pc.all_caches():
-                BatchLayerCache.lend(cache)
+        for i, s in enumerate(seqs):
+            if i not in at:
+                for cache in s.pc.all_caches():
+                    BatchLayerCache.lend(cache)
+
+    def regroup(self, seqs: list) -> "DecodeGroup":
+        """The group with these members (row order as given): members that leave get their rows back, the
+        ones that stay move from these buffers into the new group's and joiners bring theirs, a single
+        copy of the batch (dissolving and rebuilding copied every member's rows out and back in).
+        The new group starts in the plain state."""
+        if self.mtp is not None:
+            self.catch_up()
+        self.settle()
+        staying = {id(s) for s in seqs}
+        for b, s in enumerate(self.seqs):
+            if s is not None and id(s) not in staying:
+                self._store(b)
+        return DecodeGroup(self.model, seqs, old=self)
+
+    def release(self, b: int):
+        """Member b leaves now (finished or cancelled): its rows go back to its own cache, caught up and
+        settled; its row stays in the buffers, dead, until the next regroup drops it."""
+        if self.mtp is not None:
+            self.catch_up()
+        self.settle()
+        self._store(b)
+        self.seqs[b] = None
+
+    def can_join(self, seqs: list) -> bool:
+        """Whether sequences can join this group: in the plain state one position behind, with MTP caches
+        iff the members have them."""
+        return DecodeGroup.accepts(seqs) and all((s.pc.mtp_cache is not None) == (self.mtp is not None) for s in seqs)
+
+    def settle(self):
+        """Drafting state -> plain: each member's drafted-ahead MTP slot goes (its h stays pending)."""
+        if self.ahead:
+            for b in range(len(self.seqs)):
+                self.mtp.trim(b, 1)
+            self.ahead, self.drafts, self.draft_logits = False, None, None
 
     @staticmethod
     def accepts(seqs: list) -> bool:
@@ -244,14 +301,19 @@ class DecodeGroup:
         """Every member's rows back into its own PromptCache, in the plain state."""
         if self.mtp is not None:
             self.catch_up()
+        self.settle()
         for b, s in enumerate(self.seqs):
-            for layer, cache in zip(self.layers, s.pc.cache):
-                BatchLayerCache.store(cache, layer.rows(b))
-            if self.mtp is not None:
-                if self.ahead:  # settle: the drafted-ahead slot pairs with a token not in the cache
-                    self.mtp.trim(b, 1)
-                BatchLayerCache.store(s.pc.mtp_cache, self.mtp.rows(b))
-                s.pc.pending = self.pending[b : b + 1]
+            if s is not None:
+                self._store(b)
+
+    def _store(self, b: int):
+        """Member b's rows back into its own PromptCache (caught up and settled)."""
+        s = self.seqs[b]
+        for layer, cache in zip(self.layers, s.pc.cache):
+            BatchLayerCache.store(cache, layer.rows(b))
+        if self.mtp is not None:
+            BatchLayerCache.store(s.pc.mtp_cache, self.mtp.rows(b))
+            s.pc.pending = self.pending[b : b + 1]
 
     def snapshot(self, b: int):
         """Member b's cache as a PromptCache viewing its rows in the batch buffers (its own are lent), for

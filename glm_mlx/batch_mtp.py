@@ -166,7 +166,5 @@ class MTPBatching:
             h = self.model.mtp_hidden(g.pending, y, cache=g.mtp)  # [B, 1, hidden]
             g.draft_logits = self.model.lm_head(h[:, 0])  # [B, V]
             g.drafts, g.ahead = self._sample_drafts(decoding, g.draft_logits), True
-        elif not mtp and g.ahead:
-            for b in range(len(decoding)):
-                g.mtp.trim(b, 1)
-            g.ahead, g.drafts, g.draft_logits = False, None, None
+        elif not mtp:
+            g.settle()

@@ -370,3 +370,38 @@ def test_a_batch_holds_each_cache_once(model):
     for c, w in zip(seq.pc.cache, want):
         np.testing.assert_array_equal(np.array(c.kv_parts()[0]), w)
     assert be.cache_of(0) is not None and be.cache_of(99) is None
+
+
+def test_membership_changes_keep_the_group_and_move_rows_once(model):
+    """A request cancelled while it prefills leaves the decoding group as it was (same buffers); a
+    member that leaves gets its rows back at once and the next step rebuilds the buffers from the old
+    ones, with the joiner's rows; every output still equals running alone."""
+    ps = prompts()
+    alone = [list(Engine(model, mtp=True).generate(p, max_tokens=N)) for p in ps[:4]]
+    be = BatchEngine(model, max_batch=8)
+    for i in range(3):
+        be.add(i, ps[i], PromptCache.fresh(model, mtp=True), Engine(model, mtp=True, prefill_step=8), N)
+    outs = {i: [] for i in range(4)}
+
+    def collect(out):
+        for key, tok, _ in out:
+            outs[key].append(tok)
+
+    while not (be.group is not None and len(be.group.seqs) == 3):
+        collect(be.step())
+    g, buffers = be.group, [id(a) for a in be.group.layers[0].kv]
+    be.add(9, ps[7], PromptCache.fresh(model, mtp=True), Engine(model, mtp=True, prefill_step=8), N)
+    collect(be.step())  # one prefill chunk of the newcomer
+    assert be.remove(9).pc.tokens == ps[7][:8]  # cancelled mid-prefill: its finished chunk kept
+    assert be.group is g and [id(a) for a in g.layers[0].kv] == buffers  # nothing rebuilt for it
+    leaver = be.remove(1)
+    assert g.seqs[1] is None and leaver.pc.nbytes > 0 and len(leaver.pc.cache[0].kv_parts()[0][0, 0]) == len(leaver.pc.tokens)
+    be.add(3, ps[3], PromptCache.fresh(model, mtp=True), Engine(model, mtp=True, prefill_step=8), N)
+    while len(be):
+        for key, tok, _ in be.step():
+            if key in outs and key != 1:
+                outs[key].append(tok)
+                if len(outs[key]) >= N:
+                    be.remove(key)
+    assert outs[0] == alone[0] and outs[2] == alone[2] and outs[3] == alone[3]
+    assert outs[1] == alone[1][: len(outs[1])]
