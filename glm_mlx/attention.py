@@ -186,10 +186,12 @@ class Indexer(nn.Module):
         q = self.wq_b(qr).reshape(B, L, h, D).transpose(0, 2, 1, 3)
         q = self.rope(q, offset=offsets).transpose(0, 2, 1, 3).astype(mx.float32)  # [B, L, h, D]
         w = self.weights_proj(x).astype(mx.float32) * (h**-0.5 * D**-0.5)  # [B, L, h]
-        if not isinstance(keys, tuple):
-            keys = keys[:, 0].astype(mx.float32)  # [B, Tcap, D]
-        score = self._score(q, w, keys, cache.capacity)  # [B, L, Tcap]
-        return select_top_k(mx.where(valid, score, -mx.inf), self.topk)
+        out = []
+        for s, e, T in cache.buckets(h * D, self.topk):  # rows s..e-1 scored over their first T keys
+            k = tuple(a[s:e] for a in keys) if isinstance(keys, tuple) else keys[s:e, 0, :T].astype(mx.float32)
+            score = self._score(q[s:e], w[s:e], k, T)  # [Bb, L, T]
+            out.append(select_top_k(mx.where(valid[s:e, :, :T], score, -mx.inf), self.topk))
+        return out[0] if len(out) == 1 else mx.concatenate(out, axis=0)
 
     def _score(self, q, w, k, Tc: int) -> mx.array:
         """q [B, Lc, h, D] f32, w [B, Lc, h], keys [B, T, D] f32 (or 8-bit [B, 1, T, .] triple)

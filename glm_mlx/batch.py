@@ -341,14 +341,17 @@ class BatchEngine(MTPBatching):
             if not decoding:
                 return out
         g = self.group
-        if g is None or [id(s) for s in g.seqs] != [id(s) for s in decoding]:
+        if g is not None and {id(s) for s in g.seqs} == {id(s) for s in decoding}:
+            decoding = list(g.seqs)  # the group's row order
+        else:
             staying = [m for m in g.seqs if m is not None and any(m is s for s in decoding)] if g is not None else []
             joining = [s for s in decoding if not any(m is s for m in staying)]
             for s in joining:
                 catch_up_mtp(self.model, s.pc)  # a prefill's deferred MTP slots
             if not (g.can_join(joining) if staying else DecodeGroup.accepts(joining)):
                 raise RuntimeError("sequences in different MTP states cannot decode together")
-            decoding = staying + joining  # the new group's row order
+            # Longest first: the indexer scores contiguous rows of like lengths together (BatchLayerCache.buckets).
+            decoding = sorted(staying + joining, key=lambda s: -len(s.pc.tokens))
             if staying:
                 self.group = g.regroup(decoding)
             else:

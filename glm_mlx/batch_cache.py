@@ -20,6 +20,12 @@ import mlx.core as mx
 from .cache import GROWTH_STEP, DSACache, QuantizedKV, quantize_latent
 
 
+# The indexer scores a batch's rows over their own range's longest row (contiguous rows; a group keeps its
+# rows longest first) where padding every row to the longest of all would cost at least this many
+# multiply-adds per layer: a 100K-token conversation decoding beside short ones is not scored 8 times.
+BUCKET_MIN_MACS = 1 << 24
+
+
 def _pad(a: mx.array, T: int) -> mx.array:
     """[1, 1, t, D] -> [1, 1, T, D] with zero rows after t."""
     t = a.shape[2]
@@ -133,6 +139,23 @@ class BatchLayerCache:
 
     def arrays(self) -> list[mx.array]:
         return [a for a in (*self.kv, *self.index) if a is not None]
+
+    def buckets(self, macs_per_key: int, at_least: int) -> list[tuple[int, int, int]]:
+        """[(first row, end row, keys to score)]: contiguous row ranges, each scored over its own longest
+        row (at least `at_least` keys, so a top-k fits) rather than every row over the longest of all;
+        a range ends where the rows after it are under half its longest and the padding saved is worth
+        BUCKET_MIN_MACS (one range for small batches, contexts or models)."""
+        n, out, s = self.lengths, [], 0
+        while s < len(n):
+            e = len(n)
+            for i in range(s + 1, len(n)):
+                head, tail = max(n[s:i]), max(n[i:])
+                if head > 2 * tail and (head - tail) * (len(n) - i) * macs_per_key >= BUCKET_MIN_MACS:
+                    e = i
+                    break
+            out.append((s, e, min(self.capacity, max(at_least, max(n[s:e])))))
+            s = e
+        return out
 
     def _grow(self, n: int):
         T = self.capacity

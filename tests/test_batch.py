@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from glm_mlx import load_model
+from glm_mlx import batch_cache, load_model
 from glm_mlx.batch import BatchEngine
 from glm_mlx.engine import Engine, StepStats, catch_up_mtp
 from glm_mlx.prompt_cache import PromptCache
@@ -62,7 +62,12 @@ def drain(be, count: int, n: int = N) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("mtp", [False, True])
-def test_greedy_batch_equals_alone(model, mtp):
+@pytest.mark.parametrize("buckets", [False, True])
+def test_greedy_batch_equals_alone(model, mtp, buckets, monkeypatch):
+    """buckets: the indexer scores rows of like lengths over their own longest row wherever lengths
+    differ 2x (on this tiny model padding never costs enough to split by default)."""
+    if buckets:
+        monkeypatch.setattr(batch_cache, "BUCKET_MIN_MACS", 0)
     ps = prompts()
     alone = [list(Engine(model, mtp=mtp).generate(p, max_tokens=N)) for p in ps]
     outs, widest = run_batch(model, ps, mtp)
@@ -394,8 +399,9 @@ def test_membership_changes_keep_the_group_and_move_rows_once(model):
     collect(be.step())  # one prefill chunk of the newcomer
     assert be.remove(9).pc.tokens == ps[7][:8]  # cancelled mid-prefill: its finished chunk kept
     assert be.group is g and [id(a) for a in g.layers[0].kv] == buffers  # nothing rebuilt for it
+    row = [s.key for s in g.seqs].index(1)
     leaver = be.remove(1)
-    assert g.seqs[1] is None and leaver.pc.nbytes > 0 and len(leaver.pc.cache[0].kv_parts()[0][0, 0]) == len(leaver.pc.tokens)
+    assert g.seqs[row] is None and leaver.pc.nbytes > 0 and len(leaver.pc.cache[0].kv_parts()[0][0, 0]) == len(leaver.pc.tokens)
     be.add(3, ps[3], PromptCache.fresh(model, mtp=True), Engine(model, mtp=True, prefill_step=8), N)
     while len(be):
         for key, tok, _ in be.step():
@@ -405,3 +411,18 @@ def test_membership_changes_keep_the_group_and_move_rows_once(model):
                     be.remove(key)
     assert outs[0] == alone[0] and outs[2] == alone[2] and outs[3] == alone[3]
     assert outs[1] == alone[1][: len(outs[1])]
+
+
+def test_rows_are_scored_in_ranges_of_like_length(monkeypatch):
+    """Contiguous ranges, each over its own longest row (at least k keys), split only where the rows
+    after are under half as long and the saving is worth BUCKET_MIN_MACS."""
+    from glm_mlx.batch_cache import BatchLayerCache
+
+    layer = BatchLayerCache(True, None, [], [], [5000, 4000, 300, 200, 40], 8)
+    layer._capacity = 5120
+    assert layer.buckets(4096, 64) == [(0, 2, 5000), (2, 5, 300)]  # 40 vs 300: saving too small to split
+    monkeypatch.setattr(batch_cache, "BUCKET_MIN_MACS", 0)
+    assert layer.buckets(4096, 64) == [(0, 2, 5000), (2, 4, 300), (4, 5, 64)]
+    assert layer.buckets(1, 8) == [(0, 2, 5000), (2, 4, 300), (4, 5, 40)]
+    monkeypatch.setattr(batch_cache, "BUCKET_MIN_MACS", 1 << 40)
+    assert layer.buckets(4096, 64) == [(0, 5, 5000)]
