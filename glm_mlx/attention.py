@@ -31,7 +31,7 @@ import mlx.nn as nn
 from mlx_lm.models.mla import MultiLinear
 from mlx_lm.models.rope_utils import initialize_rope
 
-from .batch_cache import BatchLayerCache
+from .batch_cache import BatchLayerCache, RaggedLayerCache
 from .cache import DSACache, QuantizedKV
 from .config import ModelArgs
 
@@ -276,6 +276,14 @@ class MLAttention(nn.Module):
         latent = self.kv_a_layernorm(latent)[:, None]  # [B, 1, L, C]
         if isinstance(cache, BatchLayerCache):
             out, topk = self._attend_batch(x, qr, q_nope, q_pe, latent, k_pe, cache, prev_topk)
+        elif isinstance(cache, RaggedLayerCache):  # per range of rows, each in its own buffers
+            outs, topk = [], []
+            for j, ((s, e), part) in enumerate(zip(cache.ranges, cache.parts)):
+                o, t = self._attend_batch(x[s:e], qr[s:e], q_nope[s:e], q_pe[s:e], latent[s:e], k_pe[s:e], part,
+                                          prev_topk[j] if prev_topk is not None else None)
+                outs.append(o)
+                topk.append(t)  # per range: a following shared-indexer layer takes it range by range
+            out = mx.concatenate(outs, axis=0)
         else:
             out, topk = self._attend(x, qr, q_nope, q_pe, latent, k_pe, cache, prev_topk)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)  # [B, L, H*V]

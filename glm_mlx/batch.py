@@ -2,7 +2,7 @@
 
 Each sequence keeps its own PromptCache (latent KV, indexer keys, MTP state) and its own sampler.
 A decode step feeds every decoding sequence's last token in one main-model pass: [B, 1] tokens over
-a `DecodeGroup`, per layer one padded buffer holding every sequence's rows (batch_cache.py), so
+a `DecodeGroup` (decode_group.py), per layer one padded buffer holding every sequence's rows (batch_cache.py), so
 each op runs once for the batch (weights read once) while each sequence keeps its own rope offset,
 its own rows and its own DSA top-k selection. Sequences of any lengths decode together, past
 index_topk included. Rows move into the group when its membership changes and back into each
@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from .batch_cache import BatchLayerCache, DecodeGroup
+from .batch_cache import BatchLayerCache
+from .decode_group import DecodeGroup
 from .batch_mtp import ModeChooser, MTPBatching
 from .engine import Engine, StepStats, catch_up_mtp, defer_mtp, feed_mtp
 from .prompt_cache import PromptCache, common_prefix

@@ -8,7 +8,9 @@ attention runs once for the batch with a per-row validity mask. Sequences join a
 steps (`BatchLayerCache.build` / `rows_of`): a membership change copies rows once, a decode step
 copies nothing. Growth follows DSACache (256-token steps). A quantized cache (kv_bits) keeps its
 four latent-KV parts (codes, scales, biases, rope keys) as four such buffers, and quantizes each
-step's new rows as DSACache does.
+step's new rows as DSACache does. Rows of very different lengths go in buffers of their own
+(`RaggedLayerCache`), and the indexer scores rows of like length over their own length (`buckets`).
+The decode group that holds one such cache per layer is in decode_group.py.
 """
 
 from __future__ import annotations
@@ -24,6 +26,26 @@ from .cache import GROWTH_STEP, DSACache, QuantizedKV, quantize_latent
 # rows longest first) where padding every row to the longest of all would cost at least this many
 # multiply-adds per layer: a 100K-token conversation decoding beside short ones is not scored 8 times.
 BUCKET_MIN_MACS = 1 << 24
+# A decode group keeps such ranges in buffers of their own (RaggedLayerCache) where padding would hold
+# at least this many bytes per layer: memory is the ranges' sizes, not every row at the longest's.
+RAGGED_MIN_BYTES = 1 << 24
+
+
+def like_length_ranges(lengths: list[int], per_key: int, min_saving: int) -> list[tuple[int, int]]:
+    """Contiguous row ranges [(start, end)] of rows of like length: a range ends where the rows after it
+    are under half its longest and padding them to its longest would cost at least min_saving (per_key
+    for each padded key). One range for small batches, contexts or models."""
+    out, s = [], 0
+    while s < len(lengths):
+        e = len(lengths)
+        for i in range(s + 1, len(lengths)):
+            head, tail = max(lengths[s:i]), max(lengths[i:])
+            if head > 2 * tail and (head - tail) * (len(lengths) - i) * per_key >= min_saving:
+                e = i
+                break
+        out.append((s, e))
+        s = e
+    return out
 
 
 def _pad(a: mx.array, T: int) -> mx.array:
@@ -141,21 +163,11 @@ class BatchLayerCache:
         return [a for a in (*self.kv, *self.index) if a is not None]
 
     def buckets(self, macs_per_key: int, at_least: int) -> list[tuple[int, int, int]]:
-        """[(first row, end row, keys to score)]: contiguous row ranges, each scored over its own longest
-        row (at least `at_least` keys, so a top-k fits) rather than every row over the longest of all;
-        a range ends where the rows after it are under half its longest and the padding saved is worth
-        BUCKET_MIN_MACS (one range for small batches, contexts or models)."""
-        n, out, s = self.lengths, [], 0
-        while s < len(n):
-            e = len(n)
-            for i in range(s + 1, len(n)):
-                head, tail = max(n[s:i]), max(n[i:])
-                if head > 2 * tail and (head - tail) * (len(n) - i) * macs_per_key >= BUCKET_MIN_MACS:
-                    e = i
-                    break
-            out.append((s, e, min(self.capacity, max(at_least, max(n[s:e])))))
-            s = e
-        return out
+        """[(first row, end row, keys to score)]: like_length_ranges, each scored over its own longest row
+        (at least `at_least` keys, so a top-k fits) rather than every row over the longest of all."""
+        n = self.lengths
+        return [(s, e, min(self.capacity, max(at_least, max(n[s:e]))))
+                for s, e in like_length_ranges(n, macs_per_key, BUCKET_MIN_MACS)]
 
     def _grow(self, n: int):
         T = self.capacity
@@ -216,149 +228,50 @@ class BatchLayerCache:
         self.lengths[b] -= n
 
 
-# Plain passes leave their MTP slots for one batched MTP pass, after at most this many passes.
-LAZY_MTP_PASSES = 32
+class RaggedLayerCache:
+    """One layer's cache for a decode group whose rows (longest first) fall in ranges of very different
+    lengths: each range a BatchLayerCache of its own, with its own capacity. Memory is the sum of the
+    ranges' padded sizes, not every row padded to the longest, and a range grows (reallocates) alone.
+    Attention runs per range (MLAttention); everything else in a pass runs once for all rows."""
 
+    def __init__(self, parts: list[BatchLayerCache]):
+        self.parts = parts
 
-class DecodeGroup:
-    """The decoding sequences' caches as batch buffers: one BatchLayerCache per layer (and for the MTP
-    layer, when every member has an MTP cache).
+    @classmethod
+    def of(cls, caches: list[DSACache], moved: "dict[int, tuple] | None" = None,
+           ranges: list[tuple[int, int]] | None = None):
+        """BatchLayerCache.of over each range of rows (one range: a plain BatchLayerCache)."""
+        moved = moved or {}
+        if ranges is None or len(ranges) == 1:
+            return BatchLayerCache.of(caches, moved)
+        return cls([BatchLayerCache.of(caches[s:e], {i - s: moved[i] for i in range(s, e) if i in moved})
+                    for s, e in ranges])
 
-    Built in the plain state: `pending` [B, m, hidden] holds h of each member's last m positions, whose
-    MTP slots wait for the tokens after them. Plain passes do not run the MTP layer: they append their
-    h to `pending` and their tokens to `fed`, and `catch_up` writes those slots in one [B, m-1] pass
-    (before drafting, when the group dissolves, or every LAZY_MTP_PASSES passes): one MTP pass
-    instead of one per token. Drafting state (`ahead`, MTP passes; see batch_mtp): each member's slot
-    at its last position is written, paired with the token to verify next (not in the members' tokens
-    yet), and `drafts` [B] / `draft_logits` [B, V] hold each member's draft. Dissolving settles it
-    back to the plain state.
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        out, s = [], 0
+        for p in self.parts:
+            out.append((s, s + len(p.lengths)))
+            s += len(p.lengths)
+        return out
 
-    Membership changes move rows once: a leaving member's rows go back to its own cache at once
-    (`release`, its row left dead), and the next step's `regroup` builds the buffers of the new
-    membership from these buffers and the joiners' own caches."""
+    def _at(self, b: int) -> tuple[BatchLayerCache, int]:
+        for (s, e), p in zip(self.ranges, self.parts):
+            if s <= b < e:
+                return p, b - s
+        raise IndexError(b)
 
-    serials = itertools.count()
+    @property
+    def lengths(self) -> list[int]:
+        return [n for p in self.parts for n in p.lengths]
 
-    def __init__(self, model, seqs: list, old: "DecodeGroup | None" = None):
-        """seqs: the members, in row order. old: a settled group (plain state, caught up) whose members
-        among seqs bring their rows from its buffers; the others from their own caches."""
-        self.model, self.seqs, self.serial = model, list(seqs), next(DecodeGroup.serials)
-        n = model.args.num_hidden_layers
-        held = {id(s): b for b, s in enumerate(old.seqs) if s is not None} if old is not None else {}  # id(member) -> its row in old
-        at = {i: held[id(s)] for i, s in enumerate(seqs) if id(s) in held}  # new row -> old row
+    def rows(self, b: int):
+        part, row = self._at(b)
+        return part.rows(row)
 
-        def layer_of(caches, old_layer):
-            return BatchLayerCache.of(caches, {i: (old_layer, b) for i, b in at.items()})
-
-        self.layers = [layer_of([s.pc.cache[i] for s in seqs], old.layers[i] if old else None) for i in range(n)]
-        with_mtp = all(s.pc.mtp_cache is not None for s in seqs)
-        self.mtp = layer_of([s.pc.mtp_cache for s in seqs], old.mtp if old else None) if with_mtp else None
-        self.pending = mx.concatenate([old.pending[at[i]][None] if i in at else s.pc.pending
-                                       for i, s in enumerate(seqs)], axis=0) if with_mtp else None
-        self.fed: list[mx.array] = []  # tokens [B, 1] of plain passes whose MTP slots wait (catch_up)
-        self.ahead, self.drafts, self.draft_logits = False, None, None
-        for i, s in enumerate(seqs):
-            if i not in at:
-                for cache in s.pc.all_caches():
-                    BatchLayerCache.lend(cache)
-
-    def regroup(self, seqs: list) -> "DecodeGroup":
-        """The group with these members (row order as given): members that leave get their rows back, the
-        ones that stay move from these buffers into the new group's and joiners bring theirs, a single
-        copy of the batch (dissolving and rebuilding copied every member's rows out and back in).
-        The new group starts in the plain state."""
-        if self.mtp is not None:
-            self.catch_up()
-        self.settle()
-        staying = {id(s) for s in seqs}
-        for b, s in enumerate(self.seqs):
-            if s is not None and id(s) not in staying:
-                self._store(b)
-        return DecodeGroup(self.model, seqs, old=self)
-
-    def release(self, b: int):
-        """Member b leaves now (finished or cancelled): its rows go back to its own cache, caught up and
-        settled; its row stays in the buffers, dead, until the next regroup drops it."""
-        if self.mtp is not None:
-            self.catch_up()
-        self.settle()
-        self._store(b)
-        self.seqs[b] = None
-
-    def can_join(self, seqs: list) -> bool:
-        """Whether sequences can join this group: in the plain state one position behind, with MTP caches
-        iff the members have them."""
-        return DecodeGroup.accepts(seqs) and all((s.pc.mtp_cache is not None) == (self.mtp is not None) for s in seqs)
-
-    def settle(self):
-        """Drafting state -> plain: each member's drafted-ahead MTP slot goes (its h stays pending)."""
-        if self.ahead:
-            for b in range(len(self.seqs)):
-                self.mtp.trim(b, 1)
-            self.ahead, self.drafts, self.draft_logits = False, None, None
-
-    @staticmethod
-    def accepts(seqs: list) -> bool:
-        """Members' MTP state must be uniform and one position behind (as after a prefill or a step)."""
-        has = [s.pc.mtp_cache is not None for s in seqs]
-        if any(has) and not all(has):
-            return False
-        return all(s.pc.pending is not None and s.pc.pending.shape[1] == 1 and
-                   s.pc.mtp_cache.offset == len(s.pc.tokens) - 1 for s in seqs) if all(has) else True
-
-    def plain_pass(self, toks: mx.array, hidden: mx.array):
-        """A plain pass fed toks [B, 1] and gave hidden [B, 1, hidden]: their MTP slots wait."""
-        if self.mtp is not None:
-            self.pending = mx.concatenate([self.pending, hidden], axis=1)
-            self.fed.append(toks)
-            if len(self.fed) >= LAZY_MTP_PASSES:
-                self.catch_up()
-
-    def catch_up(self):
-        """Write the MTP slots plain passes left, each pending h with the token fed after it, in one pass."""
-        if self.fed:
-            self.model.mtp_hidden(self.pending[:, :-1], mx.concatenate(self.fed, axis=1), cache=self.mtp)
-            self.pending, self.fed = self.pending[:, -1:], []
-
-    def dissolve(self):
-        """Every member's rows back into its own PromptCache, in the plain state."""
-        if self.mtp is not None:
-            self.catch_up()
-        self.settle()
-        for b, s in enumerate(self.seqs):
-            if s is not None:
-                self._store(b)
-
-    def _store(self, b: int):
-        """Member b's rows back into its own PromptCache (caught up and settled)."""
-        s = self.seqs[b]
-        for layer, cache in zip(self.layers, s.pc.cache):
-            BatchLayerCache.store(cache, layer.rows(b))
-        if self.mtp is not None:
-            BatchLayerCache.store(s.pc.mtp_cache, self.mtp.rows(b))
-            s.pc.pending = self.pending[b : b + 1]
-
-    def snapshot(self, b: int):
-        """Member b's cache as a PromptCache viewing its rows in the batch buffers (its own are lent), for
-        the prefix cache to copy blocks out while it decodes. Drop it before the next pass: a view
-        alive then makes the pass copy a buffer instead of writing it in place."""
-        from .prompt_cache import PromptCache
-
-        seq = self.seqs[b]
-
-        def view(cache: DSACache, batch: BatchLayerCache, ahead: bool) -> DSACache:
-            out = DSACache(cache.has_indexer, cache.index_bits, cache.kv_bits, cache.kv_group_size)
-            out.latent_dim = cache.latent_dim
-            kv, index = batch.rows(b)
-            for buf, part in zip(out._kv + out._index, kv + index):
-                buf.data = part
-            out.offset = batch.lengths[b] - ahead  # a drafted-ahead MTP slot pairs with a token not in `tokens`
-            return out
-
-        caches = [view(c, layer, False) for c, layer in zip(seq.pc.cache, self.layers)]
-        mtp = view(seq.pc.mtp_cache, self.mtp, self.ahead) if self.mtp is not None else None
-        return PromptCache(cache=caches, mtp_cache=mtp, tokens=list(seq.pc.tokens))
+    def trim(self, b: int, n: int):
+        part, row = self._at(b)
+        part.trim(row, n)
 
     def arrays(self) -> list[mx.array]:
-        caches = self.layers + ([self.mtp] if self.mtp is not None else [])
-        return [a for c in caches for a in c.arrays()] + ([self.pending] if self.pending is not None else [])
+        return [a for p in self.parts for a in p.arrays()]

@@ -64,10 +64,11 @@ def drain(be, count: int, n: int = N) -> list[list[int]]:
 @pytest.mark.parametrize("mtp", [False, True])
 @pytest.mark.parametrize("buckets", [False, True])
 def test_greedy_batch_equals_alone(model, mtp, buckets, monkeypatch):
-    """buckets: the indexer scores rows of like lengths over their own longest row wherever lengths
-    differ 2x (on this tiny model padding never costs enough to split by default)."""
-    if buckets:
+    """buckets: rows of like lengths are scored over their own longest row, and kept in buffers of their
+    own, wherever lengths differ 2x (on this tiny model padding never costs enough to split by default)."""
+    if buckets:  # and in buffers of their own
         monkeypatch.setattr(batch_cache, "BUCKET_MIN_MACS", 0)
+        monkeypatch.setattr(batch_cache, "RAGGED_MIN_BYTES", 0)
     ps = prompts()
     alone = [list(Engine(model, mtp=mtp).generate(p, max_tokens=N)) for p in ps]
     outs, widest = run_batch(model, ps, mtp)
@@ -231,10 +232,10 @@ def test_switching_between_mtp_and_plain_passes_keeps_greedy_output(model, every
     their MTP slots to a batched catch-up (before drafting, or every `lazy` passes): the drafts after
     it must be what a fed MTP layer drafts (a wrong slot shows as a changed acceptance, not output, so
     the drafts are compared too)."""
-    import glm_mlx.batch_cache as batch_cache
+    import glm_mlx.decode_group as decode_group
 
     if lazy:
-        monkeypatch.setattr(batch_cache, "LAZY_MTP_PASSES", lazy)
+        monkeypatch.setattr(decode_group, "LAZY_MTP_PASSES", lazy)
     ps = prompts()
     alone = [list(Engine(model, mtp=True).generate(p, max_tokens=N)) for p in ps]
     be = BatchEngine(model, max_batch=8, modes=Alternating(every))
@@ -426,3 +427,30 @@ def test_rows_are_scored_in_ranges_of_like_length(monkeypatch):
     assert layer.buckets(1, 8) == [(0, 2, 5000), (2, 4, 300), (4, 5, 40)]
     monkeypatch.setattr(batch_cache, "BUCKET_MIN_MACS", 1 << 40)
     assert layer.buckets(4096, 64) == [(0, 5, 5000)]
+
+
+def test_rows_of_very_different_lengths_keep_buffers_of_their_own(model, monkeypatch):
+    """One long sequence beside short ones: the group keeps the ranges in buffers of their own (sizes
+    add up; not every row padded to the longest), and outputs still equal running alone."""
+    monkeypatch.setattr(batch_cache, "RAGGED_MIN_BYTES", 0)
+    rng = np.random.RandomState(5)
+    ps = [[int(t) for t in rng.randint(11, 80, size=n)] for n in (600, 20, 16, 24)]
+    alone = [list(Engine(model, mtp=True).generate(p, max_tokens=12)) for p in ps]
+    be = BatchEngine(model, max_batch=4)
+    for i, p in enumerate(ps):
+        be.add(i, p, PromptCache.fresh(model, mtp=True), Engine(model, mtp=True, prefill_step=256), 12)
+    outs = {i: [] for i in range(4)}
+    seen = False
+    while len(be):
+        for key, tok, _ in be.step():
+            outs[key].append(tok)
+            if len(outs[key]) >= 12:
+                be.remove(key)
+        g = be.group
+        if g is not None and len([s for s in g.seqs if s is not None]) == 4 and not seen:
+            seen = True
+            layer = g.layers[0]
+            assert isinstance(layer, batch_cache.RaggedLayerCache)
+            assert [len(p.lengths) for p in layer.parts] == [1, 3]  # longest first: the long one alone
+            assert [p.capacity for p in layer.parts] == [768, 256]
+    assert seen and [outs[i] for i in range(4)] == alone
