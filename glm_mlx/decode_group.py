@@ -16,8 +16,9 @@ LAZY_MTP_PASSES = 32
 
 
 class DecodeGroup:
-    """The decoding sequences' caches as batch buffers: one BatchLayerCache per layer (and for the MTP
-    layer, when every member has an MTP cache).
+    """The decoding sequences' caches as batch buffers: one BatchLayerCache per layer (a RaggedLayerCache
+    where rows of very different lengths keep buffers of their own), and one for the MTP layer when
+    every member has an MTP cache. Rows are kept longest first.
 
     Built in the plain state: `pending` [B, m, hidden] holds h of each member's last m positions, whose
     MTP slots wait for the tokens after them. Plain passes do not run the MTP layer: they append their
