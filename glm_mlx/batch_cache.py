@@ -15,8 +15,6 @@ The decode group that holds one such cache per layer is in decode_group.py.
 
 from __future__ import annotations
 
-import itertools
-
 import mlx.core as mx
 
 from .cache import GROWTH_STEP, DSACache, QuantizedKV, quantize_latent
