@@ -115,9 +115,9 @@ class BatchEngine(MTPBatching, JointPrefill):
         holding a prefix of its tokens (a prompt cache can take it up again)."""
         for seq in self.seqs:
             if seq.key == key:
-                rows = [b for b, s in enumerate(self.group.seqs) if s is seq] if self.group is not None else []
-                if rows:  # its rows back now; the others stay in the buffers until the next regroup
-                    self.group.release(rows[0])
+                row = self.group.row_of(seq) if self.group is not None else None
+                if row is not None:  # its rows back now; the others stay in the buffers until the next regroup
+                    self.group.release(row)
                 self.seqs.remove(seq)
                 if seq.solo is not None:
                     seq.solo.close()  # settles the MTP cache (engine's finally)
@@ -234,8 +234,8 @@ class BatchEngine(MTPBatching, JointPrefill):
         the batch buffers), a snapshot viewing its rows there (drop it before the next step)."""
         for seq in self.seqs:
             if seq.key == key:
-                rows = [b for b, s in enumerate(self.group.seqs) if s is seq] if self.group is not None else []
-                return self.group.snapshot(rows[0]) if rows else seq.pc
+                row = self.group.row_of(seq) if self.group is not None else None
+                return self.group.snapshot(row) if row is not None else seq.pc
         return None
 
     def discard_group(self):

@@ -15,6 +15,8 @@ The decode group that holds one such cache per layer is in decode_group.py.
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 
 from .cache import GROWTH_STEP, DSACache, QuantizedKV, quantize_latent
@@ -29,9 +31,10 @@ BUCKET_MIN_MACS = 1 << 24
 RAGGED_MIN_BYTES = 1 << 24
 
 
-def like_length_ranges(lengths: list[int], per_key: int, min_saving: int) -> list[tuple[int, int]]:
-    """Contiguous row ranges [(start, end)] of rows of like length: a range ends where the rows after it
-    are under half its longest and padding them to its longest would cost at least min_saving (per_key
+@functools.lru_cache(maxsize=64)  # every layer of a pass asks with the same lengths
+def like_length_ranges(lengths: tuple[int, ...], per_key: int, min_saving: int) -> tuple[tuple[int, int], ...]:
+    """Contiguous row ranges ((start, end), ...) of rows of like length: a range ends where the rows after
+    it are under half its longest and padding them to its longest would cost at least min_saving (per_key
     for each padded key). One range for small batches, contexts or models."""
     out, s = [], 0
     while s < len(lengths):
@@ -43,7 +46,7 @@ def like_length_ranges(lengths: list[int], per_key: int, min_saving: int) -> lis
                 break
         out.append((s, e))
         s = e
-    return out
+    return tuple(out)
 
 
 def _pad(a: mx.array, T: int) -> mx.array:
@@ -165,7 +168,7 @@ class BatchLayerCache:
         (at least `at_least` keys, so a top-k fits) rather than every row over the longest of all."""
         n = self.lengths
         return [(s, e, min(self.capacity, max(at_least, max(n[s:e]))))
-                for s, e in like_length_ranges(n, macs_per_key, BUCKET_MIN_MACS)]
+                for s, e in like_length_ranges(tuple(n), macs_per_key, BUCKET_MIN_MACS)]
 
     def _grow(self, n: int):
         T = self.capacity
@@ -237,7 +240,7 @@ class RaggedLayerCache:
 
     @classmethod
     def of(cls, caches: list[DSACache], moved: "dict[int, tuple] | None" = None,
-           ranges: list[tuple[int, int]] | None = None):
+           ranges: "tuple[tuple[int, int], ...] | None" = None):
         """BatchLayerCache.of over each range of rows (one range: a plain BatchLayerCache)."""
         moved = moved or {}
         if ranges is None or len(ranges) == 1:

@@ -46,7 +46,7 @@ class DecodeGroup:
         # Rows (longest first) in ranges of like length, each in buffers of its own where padding would
         # hold RAGGED_MIN_BYTES per layer.
         per_token = model.cache_bytes_per_token() // n  # one layer's bytes per cached token
-        ranges = like_length_ranges([len(s.pc.tokens) for s in seqs], per_token, batch_cache.RAGGED_MIN_BYTES)
+        ranges = like_length_ranges(tuple(len(s.pc.tokens) for s in seqs), per_token, batch_cache.RAGGED_MIN_BYTES)
 
         def layer_of(caches, old_layer):
             return RaggedLayerCache.of(caches, {i: (old_layer, b) for i, b in at.items()}, ranges)
@@ -68,9 +68,7 @@ class DecodeGroup:
         ones that stay move from these buffers into the new group's and joiners bring theirs, a single
         copy of the batch (dissolving and rebuilding copied every member's rows out and back in).
         The new group starts in the plain state."""
-        if self.mtp is not None:
-            self.catch_up()
-        self.settle()
+        self._to_plain()
         staying = {id(s) for s in seqs}
         for b, s in enumerate(self.seqs):
             if s is not None and id(s) not in staying:
@@ -80,16 +78,23 @@ class DecodeGroup:
     def release(self, b: int):
         """Member b leaves now (finished or cancelled): its rows go back to its own cache, caught up and
         settled; its row stays in the buffers, dead, until the next regroup drops it."""
-        if self.mtp is not None:
-            self.catch_up()
-        self.settle()
+        self._to_plain()
         self._store(b)
         self.seqs[b] = None
+
+    def row_of(self, seq) -> int | None:
+        """The row of a live member (None: not in the group)."""
+        return next((b for b, s in enumerate(self.seqs) if s is seq), None)
 
     def can_join(self, seqs: list) -> bool:
         """Whether sequences can join this group: in the plain state one position behind, with MTP caches
         iff the members have them."""
         return DecodeGroup.accepts(seqs) and all((s.pc.mtp_cache is not None) == (self.mtp is not None) for s in seqs)
+
+    def _to_plain(self):
+        """Caught up and settled: every MTP slot plain passes left written, no drafted-ahead slot."""
+        self.catch_up()
+        self.settle()
 
     def settle(self):
         """Drafting state -> plain: each member's drafted-ahead MTP slot goes (its h stays pending)."""
@@ -123,9 +128,7 @@ class DecodeGroup:
 
     def dissolve(self):
         """Every member's rows back into its own PromptCache, in the plain state."""
-        if self.mtp is not None:
-            self.catch_up()
-        self.settle()
+        self._to_plain()
         for b, s in enumerate(self.seqs):
             if s is not None:
                 self._store(b)
