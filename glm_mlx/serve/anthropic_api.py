@@ -138,7 +138,7 @@ def _thinking(f: Fields, cfg: ServerConfig) -> bool:
 
 
 def prompt_of(body, cfg: ServerConfig, tokenizer, allowed: set[str]) -> tuple[Fields, Prompt, list | None, bool]:
-    f = Fields(body, allowed)
+    f = Fields(body, allowed, "/v1/messages")
     msgs = messages(body.get("messages"), body.get("system"))
     tools = _tools(f)
     choice, parallel = _tool_choice(f)

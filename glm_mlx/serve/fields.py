@@ -1,8 +1,16 @@
-"""Typed access to a JSON request body: wrong types, out-of-range numbers and parameters that would
-change the result but are not supported are 400s naming the parameter, never silently ignored."""
+"""Typed access to a JSON request body: wrong types and out-of-range numbers are 400s naming the
+parameter.
+
+Which fields are honoured, which are accepted and knowingly ignored, and which are refused is the
+table in docs/api_fields.md. A key this server does not know is accepted and ignored (logged once per
+field at debug level): clients add fields faster than servers learn them, and a 400 for a field we do
+not know breaks an agent for nothing. A known field whose value would change the result in a way that
+cannot be done here is refused by the API adapter, naming it.
+"""
 
 from __future__ import annotations
 
+import logging
 import math
 
 from .prompt import BadRequest
@@ -23,17 +31,29 @@ def json_depth(value) -> int:
     return deepest
 
 
-class Fields:
-    """`allowed`: parameters this endpoint honours (or knowingly ignores, e.g. `user`); any other key
-    is a 400, so a client never believes a setting took effect when it did not."""
+log = logging.getLogger("glm_mlx.serve")
+_logged: set[tuple[str, str]] = set()  # (endpoint, field) pairs already logged
 
-    def __init__(self, body, allowed: set[str]):
+
+def note_ignored(endpoint: str, keys) -> None:
+    """Log each ignored field once per endpoint (debug level): a long-running agent sends the same
+    fields with every request."""
+    for key in sorted(keys):
+        if (endpoint, key) not in _logged:
+            _logged.add((endpoint, key))
+            log.debug("%s: field %r accepted and ignored (it cannot change the output here)", endpoint, key)
+
+
+class Fields:
+    """`honoured`: the fields this endpoint reads. Every other key is accepted and ignored (see the
+    module docstring); `ignored` returns them, for the access log and the tests."""
+
+    def __init__(self, body, honoured: set[str], endpoint: str = ""):
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
-        unknown = sorted(set(body) - allowed)
-        if unknown:
-            raise BadRequest(f"unsupported parameter '{unknown[0]}'", unknown[0])
         self.body = body
+        self.ignored = sorted(set(body) - honoured)
+        note_ignored(endpoint, self.ignored)
 
     def has(self, key: str) -> bool:
         return self.body.get(key) is not None

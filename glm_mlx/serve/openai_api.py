@@ -143,7 +143,7 @@ def _stream_flags(f: Fields) -> tuple[bool, bool]:
 
 
 def chat_call(body, cfg: ServerConfig, tokenizer) -> Call:
-    f = Fields(body, CHAT)
+    f = Fields(body, CHAT, "/v1/chat/completions")
     _unsupported(f, text=False)
     msgs = messages(body.get("messages"))
     tools = _tools(f)
@@ -175,7 +175,7 @@ def chat_call(body, cfg: ServerConfig, tokenizer) -> Call:
 def text_call(body, cfg: ServerConfig, tokenizer) -> Call:
     from ..generate import encode_prompt
 
-    f = Fields(body, TEXT)
+    f = Fields(body, TEXT, "/v1/completions")
     _unsupported(f, text=True)
     raw = body.get("prompt")
     if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], str):
