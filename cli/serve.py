@@ -4,6 +4,7 @@ for coding agents and chat UIs, with tool calls and reasoning."""
 from __future__ import annotations
 
 import json
+import logging
 import signal
 from typing import Optional
 
@@ -48,6 +49,10 @@ CacheMemory = Annotated[Optional[str], typer.Option(
 CacheDisk = Annotated[str, typer.Option("--cache-disk", help="SSD tier size; least recently used blocks go first; 0 turns the SSD tier off.")]
 CacheBlock = Annotated[int, typer.Option("--cache-block", help="Tokens per prefix-cache block.")]
 NoPrefixCache = Annotated[bool, typer.Option("--no-prefix-cache", help="Keep only the live conversations' caches.")]
+Keepalive = Annotated[float, typer.Option("--keepalive", min=0.01, help="Seconds without output before a stream sends a "
+                                          "keep-alive (a long prefill), so clients' idle timeouts do not fire.")]
+LogLevel = Annotated[str, typer.Option("--log-level", help="warning, info or debug (debug: each ignored request "
+                                       "field, once).")]
 
 
 class ServeError(GlmMlxError):
@@ -65,7 +70,7 @@ def serve(
     prefill_budget: PrefillBudget = 512, cache_slots: CacheSlots = 4,
     max_queue: MaxQueue = 64, max_batch: MaxBatch = None, cache_dir: CacheDir = None, cache_memory: CacheMemory = None,
     cache_disk: CacheDisk = "64GB", cache_block: CacheBlock = 256, no_prefix_cache: NoPrefixCache = False,
-    kv_bits: KvBits = None,
+    kv_bits: KvBits = None, keepalive: Keepalive = 5.0, log_level: LogLevel = "warning",
 ):
     """Serve the model over the OpenAI and Anthropic HTTP APIs (tool calls, reasoning, streaming).
 
@@ -76,6 +81,10 @@ def serve(
     from glm_mlx.serve.stream import ServerConfig
     from glm_mlx.serve.worker import Worker
 
+    if log_level.lower() not in ("warning", "info", "debug"):
+        raise ServeError(f"--log-level must be warning, info or debug, got {log_level!r}")
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("glm_mlx.serve").setLevel(log_level.upper())
     model = pick_model(model, model_opt)
     template_args = _template_args(chat_template_args)
     check_kv_bits(kv_bits)  # here, not in the worker thread that loads the model
@@ -97,7 +106,7 @@ def serve(
     path, args, limit = holder["path"], worker.model.args, holder["limit"]
     gen = _generation_defaults(path)
     cfg = ServerConfig(model_id=path.name, context=limit, max_tokens=max_tokens, vocab_size=args.vocab_size,
-                       thinking=template_args.get("enable_thinking", reasoning), template_args=template_args, **gen)
+                       thinking=template_args.get("enable_thinking", reasoning), template_args=template_args, keepalive=keepalive, **gen)
     try:
         httpd = bind(worker, cfg, host, port)
     except OSError as e:

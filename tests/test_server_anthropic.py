@@ -85,7 +85,7 @@ def test_anthropic_errors_have_anthropic_shape(server, ac):
     assert e.value.status_code == 400 and e.value.body["type"] == "error"
     assert "temperature" in e.value.body["error"]["message"]
     with pytest.raises(anthropic.BadRequestError) as e:
-        ac.messages.create(model=MODEL, max_tokens=8, messages=[{"role": "system", "content": "Hi"}])
+        ac.messages.create(model=MODEL, max_tokens=8, messages=[{"role": "robot", "content": "Hi"}])
     assert e.value.body["error"]["type"] == "invalid_request_error"
     status, body = server.post("/v1/messages/batches", {"requests": []})
     assert status == 404 and body["type"] == "error" and body["error"]["type"] == "not_found_error"

@@ -8,13 +8,19 @@ import uuid
 from dataclasses import dataclass
 
 from .fields import Fields
+from .grammar import constrain, for_request
 from .prompt import BadRequest, Prompt, forced_call, render
-from .stream import ServerConfig, completion_budget, finish_kind, gen_request, sampling
+from .stream import ServerConfig, completion_budget, effort_budget, finish_kind, gen_request, sampling
 from .worker import Finished, GenRequest
 
+# Honoured fields (docs/api_fields.md): any other is accepted and ignored (fields.Fields), e.g. metadata,
+# service_tier, container, speed, inference_geo, diagnostics, user_profile_id, top-level cache_control.
 MESSAGES = {"model", "messages", "system", "max_tokens", "stop_sequences", "stream", "temperature", "top_p", "top_k",
-            "tools", "tool_choice", "thinking", "metadata", "service_tier"}
-COUNT = {"model", "messages", "system", "tools", "tool_choice", "thinking"}
+            "tools", "tool_choice", "thinking", "output_config", "context_management"}
+COUNT = {"model", "messages", "system", "tools", "tool_choice", "thinking", "output_config", "context_management"}
+# Tools Anthropic's servers run (web search, code execution, ...): nothing here can run them, so they are
+# accepted and not shown to the model (it cannot call what it is not told of).
+SERVER_TOOLS = ("web_search", "web_fetch", "code_execution", "mcp_toolset", "tool_search", "memory")
 STOP = {"stop": "end_turn", "stop_sequence": "stop_sequence", "tool_calls": "tool_use", "length": "max_tokens",
         "cancelled": "end_turn", "error": "end_turn"}
 ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
@@ -32,6 +38,7 @@ class Call:
     stream: bool
     tools: list | None
     parallel_tool_calls: bool = True  # false: stream.parsed passes the first call only
+    model: str = ""  # the request's model name, echoed (agents send claude-* names; any is accepted)
 
 
 def _text_blocks(content, where: str) -> str:
@@ -59,8 +66,13 @@ def messages(raw, system) -> list[dict]:
         out.append({"role": "system", "content": _text_blocks(system, "system")})
     for i, m in enumerate(raw):
         where = f"messages.{i}"
+        if isinstance(m, dict) and m.get("role") == "system":
+            # Claude Code sends its environment block this way. GLM's template renders a system turn anywhere,
+            # so it stays where it stands (hoisting it would change the prompt's prefix turn by turn).
+            out.append({"role": "system", "content": _text_blocks(m.get("content"), where)})
+            continue
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
-            raise BadRequest(f"{where}: role must be 'user' or 'assistant'", where)
+            raise BadRequest(f"{where}: role must be 'user', 'assistant' or 'system'", where)
         content = m.get("content")
         blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
         if not isinstance(blocks, list):
@@ -106,8 +118,8 @@ def _tools(f: Fields) -> list | None:
     for i, t in enumerate(tools or []):
         if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t["name"]:
             raise BadRequest(f"tools.{i} needs a name", "tools")
-        if t.get("type") not in (None, "custom"):
-            raise BadRequest(f"tools.{i}: server tool type {t.get('type')!r} is not supported", "tools")
+        if isinstance(t.get("type"), str) and t["type"].startswith(SERVER_TOOLS):
+            continue
         out.append({"type": "function", "function": {"name": t["name"], "description": t.get("description", ""),
                                                       "parameters": t.get("input_schema") or {"type": "object"}}})
     return out or None
@@ -128,38 +140,73 @@ def _tool_choice(f: Fields):
     raise BadRequest("'tool_choice.type' must be auto, any, tool (with a name) or none", "tool_choice")
 
 
-def _thinking(f: Fields, cfg: ServerConfig) -> bool:
+def _thinking(f: Fields, cfg: ServerConfig) -> tuple[bool, int | None]:
+    """-> (thinking on, reasoning budget in tokens or None). Absent `thinking` means no thinking, as
+    Anthropic defines it (the server's --reasoning default is the OpenAI APIs'); `enabled` with
+    `budget_tokens` caps the reasoning (then `</think>` is forced and the answer follows); `adaptive`
+    lets the model decide. `output_config.effort` caps the reasoning further (stream.EFFORT_BUDGET);
+    it never turns thinking on."""
     t = f.typed("thinking", (dict,), "an object")
-    if t is None:
-        return cfg.template_args.get("enable_thinking", cfg.thinking)
-    if t.get("type") not in ("enabled", "disabled", "adaptive"):
-        raise BadRequest("'thinking.type' must be 'enabled' or 'disabled'", "thinking")
-    return t["type"] != "disabled"
+    on, budget = False, None
+    if t is not None:
+        if t.get("type") not in ("enabled", "disabled", "adaptive"):
+            raise BadRequest("'thinking.type' must be 'enabled', 'adaptive' or 'disabled'", "thinking")
+        on = t["type"] != "disabled"
+        if t["type"] == "enabled" and t.get("budget_tokens") is not None:
+            budget = t["budget_tokens"]
+            if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+                raise BadRequest("'thinking.budget_tokens' must be a positive integer", "thinking")
+    effort = (f.typed("output_config", (dict,), "an object", {}) or {}).get("effort")
+    if effort is not None and on:
+        _, cap = effort_budget(effort, "output_config.effort")
+        if cap is not None:
+            budget = cap if budget is None else min(budget, cap)
+    elif effort is not None:
+        effort_budget(effort, "output_config.effort")  # still checked
+    return on, budget
 
 
-def prompt_of(body, cfg: ServerConfig, tokenizer, allowed: set[str]) -> tuple[Fields, Prompt, list | None, bool]:
+def _clear_thinking(f: Fields, cfg: ServerConfig) -> bool | None:
+    """context_management's `clear_thinking` edit -> the template's clear_thinking: earlier turns' reasoning
+    dropped, unless the edit keeps all of it. Other edit types (tool-result clearing, ...) are accepted and
+    ignored: they change what an agent's history holds, which the agent sends anyway."""
+    cm = f.typed("context_management", (dict,), "an object", {}) or {}
+    edits = cm.get("edits") or []
+    for e in edits if isinstance(edits, list) else []:
+        if isinstance(e, dict) and str(e.get("type", "")).startswith("clear_thinking"):
+            return e.get("keep") != "all"
+    return cfg.template_args.get("clear_thinking")
+
+
+def prompt_of(body, cfg: ServerConfig, tokenizer, allowed: set[str]):
+    """-> (fields, prompt, tools to parse, parallel tool calls, reasoning budget)."""
     f = Fields(body, allowed, "/v1/messages")
     msgs = messages(body.get("messages"), body.get("system"))
     tools = _tools(f)
     choice, parallel = _tool_choice(f)
     forced, parse_tools, shown = forced_call(choice, tools)
-    prompt = render(tokenizer, msgs, tools=shown, thinking=_thinking(f, cfg),
-                    clear_thinking=cfg.template_args.get("clear_thinking"), forced=forced, parse_tools=parse_tools)
-    return f, prompt, tools if parse_tools else None, parallel
+    thinking, budget = _thinking(f, cfg)
+    prompt = render(tokenizer, msgs, tools=shown, thinking=thinking, clear_thinking=_clear_thinking(f, cfg),
+                    forced=forced, parse_tools=parse_tools)
+    return f, prompt, tools if parse_tools else None, parallel, budget
 
 
 def count_tokens(body, cfg: ServerConfig, tokenizer) -> dict:
-    _, prompt, _, _ = prompt_of(body, cfg, tokenizer, COUNT)
+    _, prompt, _, _, _ = prompt_of(body, cfg, tokenizer, COUNT)
     return {"input_tokens": len(prompt.ids)}
 
 
 def messages_call(body, cfg: ServerConfig, tokenizer) -> Call:
-    f, prompt, tools, parallel = prompt_of(body, cfg, tokenizer, MESSAGES)
+    f, prompt, tools, parallel, reasoning_budget = prompt_of(body, cfg, tokenizer, MESSAGES)
     asked = f.number("max_tokens", None, 1, 2 ** 31, integer=True, required=True)
     stream = f.boolean("stream", False)
     params = sampling(f, cfg)
     budget = completion_budget(cfg, len(prompt.ids), asked, "max_tokens")
-    return Call(prompt, gen_request(prompt, budget, params, f.stop_strings("stop_sequences")), stream, tools, parallel)
+    model = body.get("model") if isinstance(body.get("model"), str) else cfg.model_id
+    gen = gen_request(prompt, budget, params, f.stop_strings("stop_sequences"))
+    # A forced call (tool_choice any / tool) is held to a declared tool and its schema (serve/grammar.py).
+    gen = constrain(gen, prompt, for_request(tokenizer, prompt, tools, parallel=parallel), reasoning_budget)
+    return Call(prompt, gen, stream, tools, parallel, model)
 
 
 def usage(end: Finished | None) -> dict:
@@ -183,7 +230,8 @@ class Responder:
 
     def _message(self, content, end) -> dict:
         kind = finish_kind(end, len(self.calls)) if end is not None else None
-        return {"id": self.id, "type": "message", "role": "assistant", "model": self.cfg.model_id, "content": content,
+        return {"id": self.id, "type": "message", "role": "assistant", "model": self.call.model or self.cfg.model_id,
+                "content": content,
                 "stop_reason": STOP.get(kind), "stop_sequence": getattr(end, "stop_sequence", None),
                 "usage": usage(end if isinstance(end, Finished) else None)}
 
@@ -219,6 +267,12 @@ class Responder:
             return "content_block_stop", {"type": "content_block_stop", "index": index}
 
         for kind, x in items:
+            if kind == "ping":  # a long prefill: message_start first (the SDKs expect it before any event)
+                if not started:
+                    started = True
+                    yield start()
+                yield "ping", {"type": "ping"}
+                continue
             if kind == "token":
                 if not started:
                     started = True

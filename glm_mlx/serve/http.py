@@ -16,10 +16,11 @@ import time
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from . import anthropic_api, openai_api
+from . import anthropic_api, openai_api, responses_api, responses_output
 from .fields import json_depth
 from .prompt import BadRequest
-from .stream import ServerConfig, parsed
+from .responses_store import ResponseStore
+from .stream import PING, ServerConfig, parsed
 from .worker import Busy, Failed, Finished, Worker
 
 
@@ -40,6 +41,7 @@ class HTTPServer(ThreadingHTTPServer):
 
 def make_handler(worker: Worker, cfg: ServerConfig, log=None):
     log = log or sys.stderr
+    responses = ResponseStore()  # /v1/responses: previous_response_id, GET /v1/responses/{id}
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive
@@ -101,12 +103,12 @@ def make_handler(worker: Worker, cfg: ServerConfig, log=None):
             self.end_headers()
             self.wfile.write(data)
 
-        def _error(self, status: int, message: str, param=None, anthropic=False):
+        def _error(self, status: int, message: str, param=None, anthropic=False, code=None):
             if anthropic:
                 return self._send(status, anthropic_api.error_body(status, message))
             kind = {404: "not_found_error", 413: "invalid_request_error", 503: "server_busy"}.get(
                 status, "invalid_request_error" if status < 500 else "server_error")
-            self._send(status, {"error": {"message": message, "type": kind, "param": param, "code": None}})
+            self._send(status, {"error": {"message": message, "type": kind, "param": param, "code": code}})
 
         def _client_gone(self) -> bool:
             try:
@@ -115,20 +117,27 @@ def make_handler(worker: Worker, cfg: ServerConfig, log=None):
             except OSError:
                 return True
 
-        def _relay(self, job):
-            """The job's events; cancels it (ClientGone) when the client closes its connection."""
-            checked = time.monotonic()
+        def _relay(self, job, pings: bool = False):
+            """The job's events; cancels it (ClientGone) when the client closes its connection. pings: a
+            stream's keep-alive, PING after `cfg.keepalive` seconds without an event (a long prefill), so
+            clients with idle timeouts keep waiting."""
+            checked = last = time.monotonic()
             while True:
                 try:
                     ev = job.events.get(timeout=0.05)
                 except queue.Empty:
                     ev = None
-                if ev is None or time.monotonic() - checked > 0.1:
-                    checked = time.monotonic()
+                now = time.monotonic()
+                if ev is None or now - checked > 0.1:
+                    checked = now
                     if self._client_gone():
                         job.cancel()
                         raise ClientGone
+                if ev is None and pings and now - last >= cfg.keepalive:
+                    last = now
+                    yield PING
                 if ev is not None:
+                    last = now
                     if isinstance(ev, (Finished, Failed)):
                         self.stats = ev
                         yield ev
@@ -172,6 +181,21 @@ def make_handler(worker: Worker, cfg: ServerConfig, log=None):
                     self._send(200, model)
                 elif path in ("/health", "/v1/health"):
                     self._send(200, {"status": "ok", "model": cfg.model_id, "waiting": worker.waiting})
+                elif path.startswith("/v1/responses/"):
+                    self._send(*responses_output.lookup(responses, path))
+                else:
+                    self._error(404, f"unknown path {path or '/'}")
+            except BadRequest as e:
+                self._error(e.status, str(e), e.param)
+            self._access_log()
+
+        def do_DELETE(self):
+            self._start()
+            try:
+                self._body()
+                path = self.path.split("?")[0].rstrip("/")
+                if path.startswith("/v1/responses/"):
+                    self._send(*responses_output.delete(responses, path))
                 else:
                     self._error(404, f"unknown path {path or '/'}")
             except BadRequest as e:
@@ -186,7 +210,8 @@ def make_handler(worker: Worker, cfg: ServerConfig, log=None):
             try:
                 raw = self._body()
                 routes = {"/v1/chat/completions": self._openai_chat, "/v1/completions": self._openai_text,
-                          "/v1/messages": self._anthropic, "/v1/messages/count_tokens": self._count}
+                          "/v1/messages": self._anthropic, "/v1/messages/count_tokens": self._count,
+                          "/v1/responses": self._responses}
                 if path not in routes:
                     return self._error(404, f"unknown path {path}", anthropic=anthropic)
                 try:
@@ -199,7 +224,7 @@ def make_handler(worker: Worker, cfg: ServerConfig, log=None):
                     raise BadRequest(f"JSON nested deeper than {cfg.max_depth} levels")
                 routes[path](body)
             except BadRequest as e:
-                self._error(e.status, str(e), e.param, anthropic)
+                self._error(e.status, str(e), e.param, anthropic, e.code)
             except Busy as e:
                 self._error(503, f"server busy: {e}", anthropic=anthropic)
             except (ClientGone, ConnectionError):  # ConnectionError: writing a whole response to a closed socket
@@ -228,7 +253,7 @@ def make_handler(worker: Worker, cfg: ServerConfig, log=None):
         def _openai(self, call):
             job = self._submit(call.gen)
             responder = openai_api.Responder(call, cfg, worker.tokenizer)
-            items = parsed(self._relay(job), call.prompt, call.tools, call.parallel_tool_calls)
+            items = parsed(self._relay(job, pings=call.stream), call.prompt, call.tools, call.parallel_tool_calls)
             if not call.stream:
                 body, end = responder.whole(items)
                 if isinstance(end, Failed):
@@ -238,6 +263,9 @@ def make_handler(worker: Worker, cfg: ServerConfig, log=None):
                 return
             self._sse_start()
             for payload in responder.chunks(items):
+                if payload is PING:  # an SSE comment: clients skip it, idle timers restart
+                    self._chunk(": ping\n\n")
+                    continue
                 self._chunk(f"data: {json.dumps(payload, ensure_ascii=False)}\n\n")
             self._chunk("data: [DONE]\n\n")
             self._sse_end()
@@ -246,7 +274,7 @@ def make_handler(worker: Worker, cfg: ServerConfig, log=None):
             call = anthropic_api.messages_call(body, cfg, worker.tokenizer)
             job = self._submit(call.gen)
             responder = anthropic_api.Responder(call, cfg)
-            items = parsed(self._relay(job), call.prompt, call.tools, call.parallel_tool_calls)
+            items = parsed(self._relay(job, pings=call.stream), call.prompt, call.tools, call.parallel_tool_calls)
             if not call.stream:
                 body, end = responder.whole(items)
                 if isinstance(end, Failed):
@@ -261,6 +289,26 @@ def make_handler(worker: Worker, cfg: ServerConfig, log=None):
 
         def _count(self, body):
             self._send(200, anthropic_api.count_tokens(body, cfg, worker.tokenizer))
+
+        def _responses(self, body):
+            call = responses_api.responses_call(body, cfg, worker.tokenizer, responses)
+            job = self._submit(call.gen)
+            responder = responses_output.Responder(call, responses)
+            items = parsed(self._relay(job, pings=call.stream), call.prompt, call.tools, call.parallel_tool_calls)
+            if not call.stream:
+                body, end = responder.whole(items)
+                if isinstance(end, Failed):
+                    self._error(500, end.message)
+                else:
+                    self._send(200, body)
+                return
+            self._sse_start()
+            for name, payload in responder.events(items):
+                if name == responses_output.PING:  # an SSE comment: clients skip it, idle timers restart
+                    self._chunk(": ping\n\n")
+                    continue
+                self._chunk(f"event: {name}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n")
+            self._sse_end()
 
     return Handler
 

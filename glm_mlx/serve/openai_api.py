@@ -7,15 +7,18 @@ import uuid
 from dataclasses import dataclass
 
 from .fields import Fields
+from .grammar import constrain, for_request, for_response_format
 from .prompt import BadRequest, Prompt, check_unicode, forced_call, parse_arguments, render
-from .stream import ServerConfig, completion_budget, finish_kind, gen_request, sampling
+from .stream import PING, ServerConfig, completion_budget, effort_budget, finish_kind, gen_request, sampling
 from .worker import Finished, GenRequest
 
+# Honoured fields (docs/api_fields.md); any other is accepted and ignored (fields.Fields), e.g. user,
+# metadata, store, service_tier, prompt_cache_key, modalities, prediction, verbosity, web_search_options.
 SAMPLING = {"temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
-            "logit_bias", "seed", "stop", "max_tokens", "stream", "stream_options", "n", "model",
-            "user", "metadata", "store", "service_tier"}  # the last four do not change the result
+            "logit_bias", "seed", "stop", "max_tokens", "stream", "stream_options", "n", "model"}
 CHAT = SAMPLING | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice",
-                   "parallel_tool_calls", "chat_template_kwargs", "response_format", "reasoning_effort"}
+                   "parallel_tool_calls", "chat_template_kwargs", "response_format", "reasoning_effort", "reasoning",
+                   "functions", "function_call"}
 TEXT = SAMPLING | {"prompt", "logprobs", "echo", "best_of", "suffix"}
 FINISH = {"stop": "stop", "stop_sequence": "stop", "tool_calls": "tool_calls", "length": "length",
           "cancelled": "stop", "error": "error"}
@@ -99,6 +102,9 @@ def messages(raw) -> list[dict]:
 
 def _tools(f: Fields) -> list | None:
     tools = f.typed("tools", (list,), "an array of tools")
+    if tools is None and f.has("functions"):  # the deprecated form: functions=[{name, parameters}]
+        legacy = f.typed("functions", (list,), "an array of functions")
+        tools = [{"type": "function", "function": fn} for fn in legacy]
     for i, t in enumerate(tools or []):
         fn = t.get("function") if isinstance(t, dict) and t.get("type", "function") == "function" else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
@@ -108,6 +114,9 @@ def _tools(f: Fields) -> list | None:
 
 def _tool_choice(f: Fields):
     choice = f.raw("tool_choice")
+    if choice is None and f.has("function_call"):  # the deprecated form: "auto", "none" or {"name": ...}
+        legacy = f.raw("function_call")
+        choice = {"type": "function", "function": legacy} if isinstance(legacy, dict) else legacy
     if choice is None or choice in ("auto", "none", "required"):
         return choice
     fn = choice.get("function") if isinstance(choice, dict) else None
@@ -120,10 +129,8 @@ def _tool_choice(f: Fields):
 def _unsupported(f: Fields, text: bool):
     if f.number("n", 1, 1, 1, integer=True) != 1:
         raise BadRequest("'n' must be 1", "n")
-    fmt = f.raw("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise BadRequest("'response_format' other than {'type': 'text'} is not supported (output is not "
-                         "constrained to a schema)", "response_format")
+    if not text:  # a malformed response_format is a 400 here; chat_call builds its grammar (serve/grammar.py)
+        for_response_format(f.raw("response_format"))
     if text:
         if f.boolean("echo", False):
             raise BadRequest("'echo' is not supported", "echo")
@@ -150,9 +157,11 @@ def chat_call(body, cfg: ServerConfig, tokenizer) -> Call:
     forced, parse_tools, shown = forced_call(_tool_choice(f), tools)
     kwargs = {**cfg.template_args, **f.typed("chat_template_kwargs", (dict,), "an object", {})}
     thinking = kwargs.get("enable_thinking", cfg.thinking)
-    effort = f.string("reasoning_effort")
+    effort, reasoning_budget = f.string("reasoning_effort"), None
+    if effort is None:  # `reasoning: {"effort": ...}`, as some clients send it on chat completions too
+        effort = (f.typed("reasoning", (dict,), "an object", {}) or {}).get("effort")
     if effort is not None:
-        thinking = effort not in ("none", "minimal")
+        thinking, reasoning_budget = effort_budget(effort, "reasoning_effort")
     if not isinstance(thinking, bool):
         raise BadRequest("'chat_template_kwargs.enable_thinking' must be a boolean", "chat_template_kwargs")
     prompt = render(tokenizer, msgs, tools=shown, thinking=thinking, clear_thinking=kwargs.get("clear_thinking"),
@@ -168,8 +177,12 @@ def chat_call(body, cfg: ServerConfig, tokenizer) -> Call:
     stream, include = _stream_flags(f)
     params = sampling(f, cfg)
     budget = completion_budget(cfg, len(prompt.ids), asked, key)
-    return Call(prompt, gen_request(prompt, budget, params, f.stop_strings("stop"), top if logprobs else None),
-                stream, include, tools if parse_tools else None, True, f.boolean("parallel_tool_calls", True))
+    gen = gen_request(prompt, budget, params, f.stop_strings("stop"), top if logprobs else None)
+    parallel = f.boolean("parallel_tool_calls", True)
+    grammar = for_request(tokenizer, prompt, tools if parse_tools else None, parallel=parallel,
+                          response_format=f.raw("response_format"))
+    return Call(prompt, constrain(gen, prompt, grammar, reasoning_budget), stream, include,
+                tools if parse_tools else None, True, parallel)
 
 
 def text_call(body, cfg: ServerConfig, tokenizer) -> Call:
@@ -251,6 +264,8 @@ class Responder:
     def whole(self, items) -> tuple[dict, object]:
         text, reasoning, tokens, end = [], [], [], None
         for kind, x in items:
+            if kind == "ping":
+                continue
             if kind == "token":
                 tokens.append(x)
             elif kind == "event":
@@ -291,7 +306,9 @@ class Responder:
         if self.call.chat:
             yield chunk({"role": "assistant", "content": ""})
         for kind, x in items:
-            if kind == "token":
+            if kind == "ping":
+                yield PING
+            elif kind == "token":
                 if not self.call.chat:  # raw text, token by token (as in whole())
                     if x.text or self.call.top_logprobs is not None:
                         yield chunk(text=x.text, logprobs=self._logprobs([x]))

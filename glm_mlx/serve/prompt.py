@@ -17,9 +17,9 @@ from .tokens import encode_prompt
 class BadRequest(Exception):
     """A 400 (or `status`) naming the offending parameter; each API shapes it its own way."""
 
-    def __init__(self, message: str, param: str | None = None, status: int = 400):
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
         super().__init__(message)
-        self.param, self.status = param, status
+        self.param, self.status, self.code = param, status, code
 
 
 @dataclass

@@ -24,20 +24,42 @@ class ServerConfig:
     template_args: dict = field(default_factory=dict)  # --chat-template-args: defaults for chat_template_kwargs
     max_body: int = 32 * 1024 * 1024  # bytes
     max_depth: int = 64  # JSON nesting
+    keepalive: float = 5.0  # seconds without an event before a stream sends a keep-alive (long prefills)
+
+
+class PromptTooLong(BadRequest):
+    """The prompt alone leaves no room for one token. Worded as Anthropic's API words it
+    (`prompt is too long: N tokens > M maximum`), which agents recognise to compact their history;
+    OpenAI clients look for the code `context_length_exceeded`."""
+
+    def __init__(self, prompt_tokens: int, context: int):
+        super().__init__(f"prompt is too long: {prompt_tokens} tokens > {context - 1} maximum (this server's "
+                         f"context is {context} tokens, --context; one is kept for the answer)", "messages",
+                         code="context_length_exceeded")
 
 
 def completion_budget(cfg: ServerConfig, prompt_tokens: int, asked: int | None, param: str) -> int:
-    """max_tokens for a prompt: an explicit value that does not fit the context is a 400 with the
-    numbers (before any prefill); the server default is cut to what is left."""
+    """max_tokens for a prompt, cut to what the context leaves (agents ask a fixed budget, e.g. Claude
+    Code's 32,000, whatever the prompt's length). A cut answer that runs out ends with reason "length"
+    (`finish_reason: "length"`, `stop_reason: "max_tokens"`), never looking finished. A prompt that
+    alone fills the context is refused before any prefill."""
     if prompt_tokens >= cfg.context:
-        raise BadRequest(f"the prompt has {prompt_tokens} tokens; this server's context limit is {cfg.context} "
-                         f"(--context)", "messages")
-    if asked is None:
-        return min(cfg.max_tokens, cfg.context - prompt_tokens)
-    if prompt_tokens + asked > cfg.context:
-        raise BadRequest(f"prompt ({prompt_tokens} tokens) + {param} ({asked}) = {prompt_tokens + asked} exceeds "
-                         f"this server's context limit of {cfg.context} tokens", param)
-    return asked
+        raise PromptTooLong(prompt_tokens, cfg.context)
+    return min(cfg.max_tokens if asked is None else asked, cfg.context - prompt_tokens)
+
+
+# Reasoning effort (OpenAI `reasoning_effort` / `reasoning.effort`, Anthropic `output_config.effort`):
+# GLM's template has one switch (enable_thinking), so an effort is a thinking switch plus a cap on
+# the reasoning's tokens, after which `</think>` is forced. None: no cap.
+EFFORT_BUDGET = {"none": 0, "minimal": 0, "low": 1024, "medium": 4096, "high": None, "xhigh": None, "max": None}
+
+
+def effort_budget(effort, param: str) -> tuple[bool, int | None]:
+    """effort -> (thinking on, reasoning budget or None)."""
+    if effort not in EFFORT_BUDGET:
+        raise BadRequest(f"'{param}' must be one of {', '.join(EFFORT_BUDGET)}, got {effort!r}", param)
+    budget = EFFORT_BUDGET[effort]
+    return budget != 0, budget or None
 
 
 def sampling(f: Fields, cfg: ServerConfig) -> SamplingParams:
@@ -65,11 +87,15 @@ def gen_request(prompt: Prompt, max_tokens: int, params: SamplingParams, stop: l
     return GenRequest(prompt=prompt.ids, max_tokens=max_tokens, sampling=params, stop=stop, logprobs=logprobs)
 
 
+PING = object()  # the relay's keep-alive marker (stream.parsed turns it into a ("ping", None) item)
+
+
 def parsed(events, prompt: Prompt, tools: list[dict] | None, parallel_tool_calls: bool = True):
     """Job events -> ("event", parsers.Event) / ("token", Delta) / ("end", Finished | Failed), in order.
 
     Every Delta is passed on (for logprobs and counting); its text goes through the GLM parser.
-    Without parallel tool calls only the first call is passed on."""
+    Without parallel tool calls only the first call is passed on. PING from the relay (nothing
+    happened for `ServerConfig.keepalive` seconds, e.g. a long prefill) becomes ("ping", None)."""
     parser = OutputParser(tools, thinking=prompt.thinking, parse_tools=prompt.parse_tools)
     calls = 0
 
@@ -84,7 +110,9 @@ def parsed(events, prompt: Prompt, tools: list[dict] | None, parallel_tool_calls
 
     yield from keep(parser.feed(prompt.forced))
     for ev in events:
-        if isinstance(ev, Delta):
+        if ev is PING:
+            yield "ping", None
+        elif isinstance(ev, Delta):
             yield "token", ev
             yield from keep(parser.feed(ev.text))
         else:
