@@ -188,6 +188,25 @@ def test_unknown_fields_and_builtin_tools_accepted(oa, tokenizer):
     assert [t.type for t in r.tools] == ["web_search", "local_shell", "custom"]
 
 
+def test_text_format_json_schema_and_json_object(oa, server):
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+              "required": ["city", "days"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "name": "trip", "schema": schema, "strict": True}
+    r = create(oa, input="Plan a trip to Paris as JSON.", text={"format": fmt}, max_output_tokens=48,
+               temperature=0, reasoning=OFF)
+    assert r.text.format.type == "json_schema" and r.text.format.name == "trip"
+    assert text_of(r).startswith("{")  # the grammar's JSON (the tiny model may not finish it in 48 tokens)
+    if r.status == "completed":
+        value = json.loads(text_of(r))
+        assert set(value) == {"city", "days"} and isinstance(value["days"], int)
+    _, final = stream(server, input="Plan a trip as JSON.", text={"format": {"type": "json_object"}},
+                      max_output_tokens=24, temperature=0, reasoning=OFF)
+    assert text_of(final).lstrip().startswith("{")
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.responses.create(model=MODEL, input="x", text={"format": {"type": "yaml"}}, max_output_tokens=2)
+    assert e.value.body["param"] == "text.format"
+
+
 # --- tools -----------------------------------------------------------------------------------------
 def test_forced_tool_call_and_tool_output_render_like_chat(oa):
     r = create(oa, input=ASK_WEATHER[0]["content"], tools=[WEATHER_FLAT], max_output_tokens=32, temperature=0,

@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass
 
 from .fields import Fields
+from .grammar import constrain, for_request
 from .prompt import BadRequest, Prompt, forced_call, parse_arguments, render
 from .responses_store import ResponseStore
 from .stream import ServerConfig, completion_budget, effort_budget, gen_request, sampling
@@ -194,7 +195,6 @@ class Call:
     items: list[dict]  # the conversation's input items (previous response's included), for the store
     store: bool
     encrypted: bool  # include reasoning.encrypted_content
-    reasoning_budget: int | None = None  # from reasoning.effort (stream.effort_budget)
 
 
 def _tools(f: Fields) -> tuple[list, list | None]:
@@ -247,15 +247,6 @@ def response_format(text: dict) -> dict | None:
         raise BadRequest("'text.format.schema' must be a JSON schema object", "text.format.schema")
     return {"type": "json_schema", "json_schema": {"name": fmt.get("name") or "response", "schema": fmt["schema"],
                                                    "strict": fmt.get("strict")}}
-
-
-def constrain(gen: GenRequest, fmt: dict | None, param: str = "text.format") -> None:
-    """Structured output for `gen` from a chat-shaped response_format. Chat completions refuse anything
-    but text until the grammar engine (grammar.py) lands; when it does, this becomes the same helper
-    call chat_call makes for response_format."""
-    if fmt is not None:
-        raise BadRequest(f"'{param}' of type {fmt['type']!r} is not supported yet (output is not constrained to a "
-                         "schema)", param)
 
 
 def _thinking(f: Fields, cfg: ServerConfig, reasoning: dict) -> tuple[bool, int | None, dict]:
@@ -329,8 +320,11 @@ def responses_call(body, cfg: ServerConfig, tokenizer, store: ResponseStore) -> 
     asked = f.number("max_output_tokens", None, 1, 2 ** 31, integer=True)
     params = sampling(f, cfg)
     gen = gen_request(prompt, completion_budget(cfg, len(prompt.ids), asked, "max_output_tokens"), params, [])
-    constrain(gen, fmt)
     parallel = f.boolean("parallel_tool_calls", True)
+    # structured output and forced calls: the grammar chat_call builds for response_format / tool_choice
+    grammar = for_request(tokenizer, prompt, functions if parse_tools else None, parallel=parallel,
+                          response_format=fmt, param="text.format")
+    constrain(gen, prompt, grammar, reasoning_budget)
     store_it = f.boolean("store", True)
     model = f.string("model", cfg.model_id)
     metadata = f.typed("metadata", (dict,), "an object of strings", {})
@@ -343,4 +337,4 @@ def responses_call(body, cfg: ServerConfig, tokenizer, store: ResponseStore) -> 
             "user": f.string("user"), "service_tier": "default", "truncation": "disabled", "background": False,
             "prompt_cache_key": f.string("prompt_cache_key")}
     return Call(prompt, gen, f.boolean("stream", False), functions if parse_tools else None, parallel, echo,
-                history + new, store_it, "reasoning.encrypted_content" in include, reasoning_budget)
+                history + new, store_it, "reasoning.encrypted_content" in include)
