@@ -30,6 +30,11 @@ class GenRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: off; n: the chosen token's logprob and the n most likely
+    # Constrained decoding (glm_mlx/grammar.py): an llguidance Lark grammar the output must match (masked
+    # while decoding; such a request does not draft with MTP), and a cap on the reasoning's tokens after
+    # which `</think>` is forced (the prompt ends inside <think>).
+    grammar: str | None = None
+    reasoning_budget: int | None = None
 
 
 @dataclass
@@ -56,6 +61,7 @@ class Finished:
 @dataclass
 class Failed:
     message: str
+    status: int = 500  # for a request not answered yet: 503 when the server is shutting down
 
 
 class Busy(Exception):
@@ -194,7 +200,10 @@ class Worker(threading.Thread):
         self.jobs.put(job)
         return job
 
-    def stop(self):
+    def stop(self, reason: str = "the server is shutting down"):
+        """Stop after the current step. Requests still running or waiting end with Failed(reason, 503):
+        their clients get an explicit error, never an answer that looks finished."""
+        self.stop_reason = reason
         self.jobs.put(None)
 
     @property
@@ -223,8 +232,20 @@ class Worker(threading.Thread):
         try:
             self._serve()
         finally:
+            why = getattr(self, "stop_reason", None) or "the server stopped"
             for job in list(self.running):
-                self._finish(job, "cancelled")
+                if job.cancelled.is_set():
+                    self._finish(job, "cancelled")
+                else:
+                    self._finish(job, "error")
+                    job.events.put(Failed(why, 503))
+            while True:  # admitted by nobody: each waiting request is told
+                try:
+                    job = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    job.events.put(Failed(why, 503))
             if self.prefix is not None:
                 self.prefix.close()  # the RAM tier goes to disk: a restart finds it
             _free_streams()
@@ -248,6 +269,25 @@ class Worker(threading.Thread):
                 self._finish(job, "cancelled")
             if self.running:
                 self._step()
+            self._publish()
+
+    def _publish(self, every: float = 0.5):
+        """Plain numbers for the status page and /metrics (read from other threads; nothing MLX leaves)."""
+        now = time.monotonic()
+        if now - getattr(self, "_published_at", 0.0) < every and self.running:
+            return
+        import mlx.core as mx
+
+        self._published_at = now
+        rows = []
+        for job, run in list(self.running.items()):
+            st = run.seq.stats
+            rows.append({"prompt_tokens": len(run.seq.prompt), "generated": run.emitted,
+                         "prefilling": run.seq.prefilling, "ttft": run.ttft,
+                         "tok_s": round((run.emitted - 1) / st.gen_time, 1) if st.gen_time and run.emitted > 1 else None,
+                         "age_s": round(time.perf_counter() - job.submitted, 1)})
+        self.published = {"active_memory": mx.get_active_memory(), "peak_memory": mx.get_peak_memory(),
+                          "running": rows, "at": time.time()}
 
     def _admit(self, job: Job):
         from ..engine import Engine
@@ -262,8 +302,19 @@ class Worker(threading.Thread):
         seeded = req.sampling.seed is not None and not req.sampling.greedy
         # defer_mtp: a prompt's MTP slots are written after its first token is out (_save_prefix, or when
         # it joins a batch), not on its time to first token.
-        engine = Engine(self.model, req.sampling, mtp=self.mtp and not seeded, num_draft=self.num_draft,
-                        prefill_step=self.prefill_step, logprobs=req.logprobs, defer_mtp=True)
+        # A grammar's matcher follows the tokens as they come: MTP's drafts would need its rollback per draft.
+        engine = Engine(self.model, req.sampling, mtp=self.mtp and not seeded and req.grammar is None,
+                        num_draft=self.num_draft, prefill_step=self.prefill_step, logprobs=req.logprobs,
+                        defer_mtp=True)
+        if req.grammar is not None or req.reasoning_budget is not None:
+            from ..grammar import processors
+
+            try:  # handlers validated the grammar; compiled ones are cached by their text
+                engine.sampler.processors.extend(processors(self.tokenizer, self.model, len(req.prompt),
+                                                            req.grammar, req.reasoning_budget))
+            except Exception as e:  # noqa: BLE001 - this request fails; the server keeps serving
+                job.events.put(Failed(f"the grammar cannot be enforced: {e}"))
+                return
         pc, disk = self._cache_for(req.prompt)
         seq = self.batch.add(job, req.prompt, pc, engine, req.max_tokens)
         self.running[job] = _Running(seq, TextStream(self.model, self.tokenizer, req.max_tokens, req.stop),
