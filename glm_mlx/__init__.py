@@ -5,8 +5,46 @@
     logits = model(mx.array([[1, 2, 3]]), cache=model.make_cache())
 """
 
-from .config import ModelArgs
-from .errors import CheckpointError, ConfigError, GlmMlxError
+def _fit_mlx_lm_file_limit():
+    """mlx_lm.utils runs `resource.setrlimit(RLIMIT_NOFILE, (2048, 4096))` at import, for models of many
+    weight files. Under a lower hard limit (`ulimit -n 256` sets both) that raises ValueError and no
+    glm-mlx command could start (the model code imports mlx_lm); under a higher one it lowers the limit
+    for the whole process (a server with many connections). So that one call, coming from mlx_lm, gets
+    what it wants within what the process may have: the soft limit raised towards 2048 as far as the hard
+    limit allows, neither limit ever lowered. Every other setrlimit call is passed through untouched."""
+    try:
+        import resource
+    except ImportError:  # Windows: no rlimits, and mlx-lm does not call it there either
+        return
+    if getattr(resource.setrlimit, "_glm_mlx", False):
+        return
+    original = resource.setrlimit
+    inf = resource.RLIM_INFINITY
+
+    def above(a, b):  # a > b, RLIM_INFINITY being the largest
+        return a != b and (a == inf or (b != inf and a > b))
+
+    def setrlimit(which, limits):
+        import sys
+
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if which != resource.RLIMIT_NOFILE or not caller.startswith("mlx_lm"):
+            return original(which, limits)
+        soft, hard = resource.getrlimit(which)
+        want = limits[0]
+        if above(want, hard):
+            want = hard
+        if above(want, soft):
+            original(which, (want, hard))
+
+    setrlimit._glm_mlx = True
+    resource.setrlimit = setrlimit
+
+
+_fit_mlx_lm_file_limit()  # before any glm_mlx module imports mlx_lm
+
+from .config import ModelArgs  # noqa: E402
+from .errors import CheckpointError, ConfigError, GlmMlxError  # noqa: E402
 
 
 _LAZY = {"load": "loading", "load_model": "loading", "generate": "generate", "stream_generate": "generate",

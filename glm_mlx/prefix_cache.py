@@ -53,7 +53,8 @@ class PrefixCache:
     another identity or block size are never served, nor touched on disk.
     memory_bytes: RAM tier bound (blocks waiting for the disk writer count too: when the disk
     lags, `save` waits for it rather than exceed the bound).
-    disk_dir / disk_bytes: the SSD tier (off when disk_dir is None or disk_bytes <= 0).
+    disk_dir / disk_bytes: the SSD tier (off when disk_dir is None or disk_bytes <= 0); disk_bytes is
+    capped at start to what the disk has room for (one warning; `disk_limit` is what is used).
     write_through: queue every new block for the disk at once (survives a crash), not only on
     spill / close.
     """
@@ -86,7 +87,7 @@ class PrefixCache:
         self._closed = False
         self._counters = {k: 0 for k in ("lookups", "hits", "hit_tokens", "ram_blocks_read", "disk_blocks_read",
                                           "blocks_saved", "blocks_written", "blocks_spilled", "ram_dropped",
-                                          "disk_evicted", "write_errors")}
+                                          "disk_evicted", "write_errors", "disk_full_skipped")}
 
         self.disk_dir = Path(disk_dir).expanduser() if disk_dir is not None and self.disk_limit > 0 else None
         self._store = None
@@ -95,6 +96,7 @@ class PrefixCache:
                                     block_size=self.block_size, layer_names=[n for ns in self._names for n in ns],
                                     mtp_names=self._mtp_names, cond=self._cond, counters=self._counters,
                                     log=self.log, release=self._written, read_threads=max(1, read_threads))
+            self.disk_limit = self._store.limit  # (capped to what the disk has room for)
         # the disk index (the store's own dict, changed under self._cond); empty without a disk tier
         self._disk: dict[bytes, DiskEntry] = self._store.entries if self._store is not None else {}
 
@@ -269,6 +271,7 @@ class PrefixCache:
                         queued_blocks=sum(b.queued for b in self._mem.values()),
                         ram_bytes=self._mem_bytes, memory_bytes=self.memory_bytes,
                         disk_blocks=len(self._disk), disk_bytes=self.disk_bytes_used(), disk_limit=self.disk_limit,
+                        disk_full=self._store is not None and self._store.full_since is not None,
                         disk_dir=str(self.disk_dir) if self.disk_dir else None)
 
     # --- MLX <-> numpy (caller's thread only) ---------------------------------------------

@@ -4,12 +4,18 @@ directory that survives restarts.
 A file `<key hex>.safetensors` holds one block's arrays (bfloat16 ones as their uint16 bits, named
 in the "raw_dtypes" metadata) and metadata naming the format, root, identity, block size, key,
 parent key, depth and the block's token ids: enough to validate it from its header alone (the key
-is sha256(parent || tokens), the arrays match this model's layers).
+is sha256(parent || tokens), the arrays match this model's layers). The header also holds an
+xxh3_128 checksum of the arrays (names, dtypes, shapes and bytes), verified when the block is read
+back: a block whose data went bad on disk is dropped and its prefix recomputed, never served.
+Format glm-mlx-prefix/2 (/1 had no checksum: its files count as other models' and are left alone).
 
-Writes go through one background thread, atomically (temp file + fsync + rename + directory fsync),
-bounded by `limit` bytes: the least recently used files are deleted (recency ties: the deepest
+Writes go through one background thread, atomically (temp file `.<key>.<pid>.tmp` + fsync + rename
++ directory fsync), bounded by `limit` bytes (capped at start to what the disk has room for): the least recently used files are deleted (recency ties: the deepest
 first, so a chain loses its tail before its head). A file's mtime is its last use, so the order
-survives restarts; at start the index is rebuilt from the files' safetensors headers alone.
+survives restarts; at start the index is rebuilt from the files' safetensors headers alone, and
+temp files left by a writer that is gone (a kill -9 mid-write) are removed. A full disk (ENOSPC)
+pauses the writes: one warning, then the next write after _FULL_RETRY_S seconds tries again (when
+the disk says it has room for it).
 
 Threading: the writer and the reader threads only ever see numpy arrays and bytes, never MLX. The
 index and the counters change under the PrefixCache's lock, shared with the store, so both tiers
@@ -18,10 +24,13 @@ are seen consistent.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import queue
+import re
+import shutil
 import sys
 import threading
 import time
@@ -30,13 +39,61 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
 from . import atomic
+from .disk import fmt_bytes
 
-FORMAT = "glm-mlx-prefix/1"
+FORMAT = "glm-mlx-prefix/2"  # /2: the data checksum (CHECKSUM_KEY) in every file
 SUFFIX = ".safetensors"
+CHECKSUM_KEY = "data_xxh3_128"
 _MAX_HEADER = 64 << 20  # bytes: a larger safetensors header is not one of ours
-_STALE_TMP_S = 3600.0  # our leftover temp files older than this (a crash mid-write) are removed
+_STALE_TMP_S = 3600.0  # a temp file this old is a leftover whoever wrote it (a write takes seconds)
+# `.<key>.<pid>.tmp`: ours; `.tmpXXXXXX`: safetensors' own save_file temp (glm-mlx-prefix/1 wrote through it)
+_OUR_TMP = re.compile(r"\.[0-9a-f]{64}\.(\d+)\.tmp")
+_LIB_TMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
+_FULL_RETRY_S = 30.0  # after ENOSPC, writes are skipped this long, then the next one tries again
+_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_KEEP_FREE = 10 * 10**9  # the disk limit leaves min(5% of the disk, this) free
+
+
+def checksum(arrays: dict[str, np.ndarray]) -> str:
+    """xxh3_128 (hex) of a block's arrays: each one's name, dtype and shape, then its bytes, in name order."""
+    h = xxhash.xxh3_128()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}\0{a.dtype.str}\0{list(a.shape)}\0".encode())
+        h.update(a.reshape(-1).view(np.uint8))
+    return h.hexdigest()
+
+
+def _write_file(path: Path, data: bytes):
+    """Write and fsync a new file (a full disk raises OSError ENOSPC here, from write or fsync)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process `pid` runs (True where it cannot be told: Windows, another user's process)."""
+    if pid <= 0:
+        return False
+    if os.name == "nt":  # os.kill(pid, 0) would terminate it there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, someone else's
+        return True
+    return True
+
+
+# Directories this process has a DiskStore open on (resolved path -> count): a temp file named with our
+# own pid is a live write only while another store of ours writes there.
+_OPEN: dict[str, int] = {}
+_OPEN_LOCK = threading.Lock()
 
 
 def default_cache_dir() -> Path:
@@ -102,6 +159,10 @@ class _Foreign(Exception):
     pass
 
 
+class _Damaged(_Corrupt):
+    """The arrays do not match the header's checksum."""
+
+
 def _read_header(path: Path) -> tuple[dict, dict, int]:
     """(metadata, tensor entries, expected file size) from a safetensors header (no data read)."""
     with open(path, "rb") as f:
@@ -158,9 +219,22 @@ class DiskStore:
         self._pool = None
         self.entries: dict[bytes, DiskEntry] = {}
         self.used = 0
+        self.full_since: float | None = None  # monotonic time of the ENOSPC that paused the writes
+        self._retry_at = 0.0
 
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._scan()
+        self._key = str(self.dir.resolve())
+        with _OPEN_LOCK:
+            self._siblings = _OPEN.get(self._key, 0)  # other stores of this process on this directory
+            _OPEN[self._key] = self._siblings + 1
+        try:
+            self._scan()
+            self._fit_limit()
+            with self._cond:
+                self._evict(0, None)
+        except BaseException:
+            self._unregister()
+            raise
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._writer_loop, name="glm-mlx-prefix-writer", daemon=True)
         self._writer.start()
@@ -196,6 +270,10 @@ class DiskStore:
         for e in chain:  # in chain order
             try:
                 read[e.key] = futures[e.key].result()
+            except _Damaged:
+                self._forget(e, f"block file {e.path} is damaged (its data do not match their checksum); "
+                                f"removed, that prefix is recomputed")
+                break
             except Exception as err:  # noqa: BLE001 - a bad or vanished file is a miss from there on
                 self._forget(e, f"cannot read {e.path.name} ({type(err).__name__}: {err}); dropped")
                 break
@@ -217,6 +295,15 @@ class DiskStore:
             self._writer.join()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+        self._unregister()
+
+    def _unregister(self):
+        with _OPEN_LOCK:
+            if self._key in _OPEN:
+                _OPEN[self._key] -= 1
+                if _OPEN[self._key] <= 0:
+                    del _OPEN[self._key]
+            self._key = ""
 
     # --- file format and validation ------------------------------------------------------
     def _path(self, key: bytes) -> Path:
@@ -227,7 +314,7 @@ class DiskStore:
         return {"format": FORMAT, "root": self.root.hex(), "identity": self.identity, "block_size": str(B),
                 "key": b.key.hex(), "parent": b.parent.hex(), "depth": str(b.depth),
                 "tokens_end": str((b.depth + 1) * B), "tokens": json.dumps(b.tokens.tolist()),
-                "raw_dtypes": json.dumps(b.raw)}
+                "raw_dtypes": json.dumps(b.raw), CHECKSUM_KEY: checksum(b.arrays)}
 
     def _expected_rows(self, depth: int) -> dict[str, int]:
         B = self.block_size
@@ -246,6 +333,8 @@ class DiskStore:
             tokens = np.asarray(json.loads(meta["tokens"]), dtype="<i4")
         except (KeyError, ValueError, TypeError, OverflowError):
             raise _Corrupt("bad metadata") from None
+        if not re.fullmatch(r"[0-9a-f]{32}", str(meta.get(CHECKSUM_KEY, ""))):
+            raise _Corrupt("no data checksum")
         if path.name != f"{meta['key']}{SUFFIX}" or tokens.shape != (self.block_size,) or depth < 0:
             raise _Corrupt("name, tokens or depth do not match")
         if hashlib.sha256(parent + tokens.tobytes()).digest() != key or (depth == 0) != (parent == self.root):
@@ -269,8 +358,8 @@ class DiskStore:
         foreign, first_foreign = 0, None
         for path in sorted(self.dir.iterdir()):
             name = path.name
-            if name.startswith(".") and name.endswith(".tmp"):
-                self._remove_stale_tmp(path)
+            if name.startswith(".tmp") or (name.startswith(".") and name.endswith(".tmp")):
+                self._remove_leftover_tmp(path)  # (counted nowhere: not ours to report)
                 continue
             if not name.endswith(SUFFIX) or not path.is_file():
                 continue
@@ -294,19 +383,48 @@ class DiskStore:
             self.used += st.st_size
         if foreign:
             self.log(f"prefix cache: ignoring {foreign} file(s) of other models or block sizes in {self.dir} "
-                     f"(e.g. {first_foreign})")
-        with self._cond:
-            self._evict(0, None)
+                     f"(e.g. {first_foreign}; older cache formats than {FORMAT} count as other models')")
 
-    def _remove_stale_tmp(self, path: Path):
+    def _remove_leftover_tmp(self, path: Path):
+        """Remove a temp file whose writer is gone (a crash or kill -9 mid-write), whatever its age; one
+        whose writer may still be writing stays unless older than an hour. Ours are `.<key>.<pid>.tmp`:
+        the writer is gone when that pid runs no process, or it is this process's pid and no other store
+        of this process has the directory open (a reused pid). Another process running under that pid
+        (a reused pid, or another PID namespace sharing the directory) keeps the file an hour: the
+        worst an error here costs is one block's write, never a bad file, since a rename of a vanished
+        temp file fails. safetensors' own `.tmpXXXXXX` names say nothing of their writer: the hour."""
+        name = path.name
+        m = _OUR_TMP.fullmatch(name)
+        if m is None and not _LIB_TMP.fullmatch(name):
+            return
         try:
-            if time.time() - path.stat().st_mtime < _STALE_TMP_S:
-                return
-            meta, _, _ = _read_header(path)
-            if meta.get("root") == self.root.hex():
+            if m is not None:
+                pid = int(m.group(1))
+                gone = (not self._siblings) if pid == os.getpid() else not _pid_alive(pid)
+                if gone:
+                    self._unlink(path)
+                    return
+            if time.time() - path.stat().st_mtime >= _STALE_TMP_S:
                 self._unlink(path)
-        except (OSError, _Corrupt):
+        except OSError:
             pass
+
+    def _fit_limit(self):
+        """Cap the limit to what the disk can hold: our files plus its free space, less what is kept
+        free (5% of the disk, at most 10 GB). One warning when it is capped."""
+        try:
+            du = shutil.disk_usage(self.dir)
+        except OSError:
+            return
+        keep = min(du.total // 20, _KEEP_FREE)
+        room = self.used + max(du.free - keep, 0)
+        if self.limit <= room:
+            return
+        self.log(f"prefix cache: the disk limit (--cache-disk) {fmt_bytes(self.limit)} is more than the disk holding "
+                 f"{self.dir} has room for ({fmt_bytes(du.free)} free + {fmt_bytes(self.used)} of cached blocks, "
+                 f"keeping {fmt_bytes(keep)} free); using {fmt_bytes(room)}"
+                 + ("" if room else ": the SSD tier is off"))
+        self.limit = room
 
     @staticmethod
     def _unlink(path: Path):
@@ -351,6 +469,8 @@ class DiskStore:
         key, depth, tokens = self._check(e.path, meta, arrays, None)
         if key != e.key:
             raise _Corrupt("key changed")
+        if checksum(arrays) != meta[CHECKSUM_KEY]:
+            raise _Damaged()
         return Block(key=key, parent=bytes.fromhex(meta["parent"]), depth=depth, tokens=tokens, arrays=arrays,
                      raw=json.loads(meta.get("raw_dtypes", "{}")), tick=e.tick)
 
@@ -364,7 +484,26 @@ class DiskStore:
                 item.set()
                 continue
             try:
+                if self._paused(item):
+                    with self._cond:
+                        self._counters["disk_full_skipped"] += 1
+                    continue
                 self._write(item)
+                if self.full_since is not None:
+                    self.full_since = None
+                    self.log(f"prefix cache: the disk holding {self.dir} has room again; blocks are written again")
+            except OSError as err:
+                with self._cond:
+                    self._counters["write_errors"] += 1
+                if err.errno not in _FULL_ERRNOS:
+                    self.log(f"prefix cache: cannot write block {item.key.hex()[:16]} ({type(err).__name__}: {err})")
+                    continue
+                self._retry_at = time.monotonic() + _FULL_RETRY_S
+                if self.full_since is None:
+                    self.full_since = time.monotonic()
+                    self.log(f"prefix cache: the disk holding {self.dir} is full ({err.strerror or err}); the SSD tier "
+                             f"is paused: blocks stay in RAM only, and writes resume when the disk has room again "
+                             f"(tried every {_FULL_RETRY_S:g} s)")
             except Exception as err:  # noqa: BLE001 - a failed write loses one block, not the server
                 with self._cond:
                     self._counters["write_errors"] += 1
@@ -375,18 +514,35 @@ class DiskStore:
                     self._release(item)
                     self._cond.notify_all()
 
+    def _paused(self, b: Block) -> bool:
+        """(Writer thread.) Whether b is skipped because the disk was full: until the retry time, and
+        after it while the disk says it has no room for b (checked again every _FULL_RETRY_S)."""
+        if self.full_since is None or time.monotonic() < self._retry_at:
+            return self.full_since is not None
+        try:
+            free = shutil.disk_usage(self.dir).free
+        except OSError:
+            free = 0
+        if free < 2 * b.nbytes + (1 << 20):
+            self._retry_at = time.monotonic() + _FULL_RETRY_S
+            return True
+        return False
+
     def _write(self, b: Block):
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
         with self._cond:
-            if b.key in self.entries:
+            if b.key in self.entries or b.nbytes > self.limit:  # (its file is larger still)
                 return
         path = self._path(b.key)
         tmp = self.dir / f".{b.key.hex()}.{os.getpid()}.tmp"
         try:
-            save_file(b.arrays, str(tmp), metadata=self._meta(b))
-            atomic.fsync_file(tmp)
-            size = tmp.stat().st_size
+            # serialized here and written by us (not save_file): its own temp file would be one more
+            # leftover to clean, and its I/O errors are not OSErrors (ENOSPC could not be told apart)
+            data = save(b.arrays, metadata=self._meta(b))
+            _write_file(tmp, data)
+            size = len(data)
+            del data
             with self._cond:
                 if b.key in self.entries or size > self.limit or not self._evict(size, stamp(b)):
                     return

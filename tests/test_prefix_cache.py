@@ -300,3 +300,178 @@ def test_write_through_and_default_dir(model, tmp_path, monkeypatch):
     assert default_cache_dir() == tmp_path / "xdg" / "glm-mlx" / "prefix"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert str(default_cache_dir()).endswith(os.path.join("glm-mlx", "prefix"))
+
+
+# --- faults on disk (docs/reliability.md, "Prefix cache on disk") --------------------------------------
+
+def _data_start(p) -> int:
+    return 8 + int.from_bytes(p.read_bytes()[:8], "little")
+
+
+def test_damaged_block_data_is_recomputed(model, tmp_path):
+    """A block whose data bytes went bad (header intact, so the start-up check passes) is caught by its
+    checksum when read back: one warning, the block and the chain after it are not served, the prefix
+    is recomputed (logits, caches and greedy answer equal a cold run), and the chain heals when saved."""
+    ps = store(model, tmp_path, memory=0)
+    ps.save(prefilled(model, BASE + MORE, True)[0])
+    ps.close()
+    mine = _by_depth(tmp_path)
+    assert len(mine) == 4 and all(len(_meta(p)["data_xxh3_128"]) == 32 for p in mine.values())
+    raw = bytearray(mine[1].read_bytes())
+    header = bytes(raw[: _data_start(mine[1])])
+    at = (len(header) + len(raw)) // 2
+    raw[at] ^= 0x10  # one bit of one array
+    mine[1].write_bytes(bytes(raw))
+    assert mine[1].read_bytes()[: len(header)] == header
+
+    logs = []
+    ps = store(model, tmp_path, memory=0, log=logs.append)
+    assert logs == [] and ps.lookup(BASE + MORE) == 64  # headers only at start: it looks fine
+    pc, st = ps.restore(BASE + MORE)
+    assert st["blocks"] == 1 and len(pc.tokens) == B - 1
+    assert len(logs) == 1 and "damaged" in logs[0] and mine[1].name in logs[0] and "\n" not in logs[0]
+    assert not mine[1].exists()
+    check_hit(model, ps, BASE + MORE, True, ram=0, disk=16, gen=8)  # the rest recomputed == cold
+    assert len(logs) == 1
+    ps.save(prefilled(model, BASE + MORE, True)[0])  # rewrites block 1: blocks 2-3 on disk serve again
+    ps.flush()
+    assert mine[1].exists() and ps.lookup(BASE + MORE) == 64
+    ps.close()
+    ps = store(model, tmp_path, memory=0, log=logs.append)
+    check_hit(model, ps, BASE + MORE, True, ram=0, disk=64)
+    ps.close()
+    assert len(logs) == 1
+
+
+def test_files_without_checksum_are_not_served(model, tmp_path):
+    """glm-mlx-prefix/1 files (no checksum) count as another model's: left alone, never served. A /2
+    file of ours without its checksum is corrupt: removed."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    from glm_mlx.prefix_store import FORMAT
+
+    assert FORMAT == "glm-mlx-prefix/2"
+    ps = store(model, tmp_path, memory=0)
+    ps.save(prefilled(model, BASE, True)[0])
+    ps.close()
+    mine = _by_depth(tmp_path)
+    for depth, change in ((0, {"format": "glm-mlx-prefix/1"}), (1, {"data_xxh3_128": None})):
+        with safe_open(str(mine[depth]), framework="numpy") as f:
+            meta, arrays = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        meta.update(change)
+        save_file(arrays, str(mine[depth]), metadata={k: v for k, v in meta.items() if v is not None})
+    logs = []
+    ps = store(model, tmp_path, memory=0, log=logs.append)
+    assert len(logs) == 2 and any("1 file(s) of other models" in m for m in logs)
+    assert any("removing corrupt" in m and "no data checksum" in m for m in logs)
+    assert mine[0].exists() and not mine[1].exists() and ps.lookup(BASE) == 0
+    ps.close()
+
+
+def test_leftover_temp_files_are_removed_at_start(model, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    key = "ab" * 32
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(done.stdout)  # a process that has exited
+    live = os.getppid()
+    names = {"dead": f".{key}.{dead}.tmp", "ours": f".{key}.{os.getpid()}.tmp", "live": f".{key}.{live}.tmp",
+             "live_old": f".{'cd' * 32}.{live}.tmp", "lib": ".tmpAb12Cd", "lib_old": ".tmpXy34Zw",
+             "other": ".notes.tmp"}
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"\x00" * 100)  # cut short: a header is no condition
+    old = time.time() - 7200
+    for k in ("live_old", "lib_old"):
+        os.utime(tmp_path / names[k], (old, old))
+    logs = []
+    ps = store(model, tmp_path, log=logs.append)
+    left = {k for k, n in names.items() if (tmp_path / n).exists()}
+    assert left == {"live", "lib", "other"}  # a writer that may be writing, and not a name of ours
+    assert logs == [] and ps.stats()["disk_blocks"] == 0 and ps.disk_bytes_used() == 0
+    # our own pid's temp file while another store of this process has the directory open: a live write
+    (tmp_path / names["ours"]).write_bytes(b"")
+    second = store(model, tmp_path, log=logs.append)
+    assert (tmp_path / names["ours"]).exists()
+    second.close()
+    ps.close()
+    third = store(model, tmp_path, log=logs.append)
+    assert not (tmp_path / names["ours"]).exists() and logs == []
+    third.close()
+
+
+def _usage(free, total=10**12):
+    import shutil
+
+    return shutil._ntuple_diskusage(total, total - free, free)
+
+
+def test_disk_limit_is_capped_to_free_space(model, tmp_path, monkeypatch):
+    import shutil
+
+    ps = store(model, tmp_path, memory=0)
+    ps.save(prefilled(model, BASE, True)[0])
+    ps.close()
+    used = sum(p.stat().st_size for p in tmp_path.glob("*.safetensors"))
+    keep = 10 * 10**9  # min(5% of 1 TB, 10 GB)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: _usage(keep + 5000))
+    logs = []
+    ps = store(model, tmp_path, memory=0, disk=1 << 40, log=logs.append)
+    assert ps.stats()["disk_limit"] == used + 5000 and ps.disk_bytes_used() == used
+    assert len(logs) == 1 and "using" in logs[0] and "free" in logs[0]
+    ps.save(prefilled(model, BASE + MORE, True)[0])  # a 4th block does not fit beside the 3: LRU goes
+    ps.flush()
+    assert ps.disk_bytes_used() <= used + 5000
+    ps.close()
+    # a limit that fits: no warning, unchanged
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: _usage(10**12 // 2))
+    logs.clear()
+    ps = store(model, tmp_path, memory=0, disk=1 << 30, log=logs.append)
+    assert logs == [] and ps.stats()["disk_limit"] == 1 << 30
+    ps.close()
+
+
+def test_full_disk_pauses_writes_with_one_warning(model, tmp_path, monkeypatch):
+    import errno
+    import shutil
+    import time
+
+    from glm_mlx import prefix_store
+
+    real, state = prefix_store._write_file, {"full": False, "tries": 0}
+
+    def write(path, data):
+        state["tries"] += 1
+        if state["full"]:
+            with open(path, "wb") as f:
+                f.write(data[:100])  # a partial temp file, as a full disk leaves
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(prefix_store, "_write_file", write)
+    monkeypatch.setattr(prefix_store, "_FULL_RETRY_S", 0.3)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: _usage(10**12 // 2 if not state["full"] else 1000))
+    logs = []
+    ps = store(model, tmp_path, memory=0, log=logs.append)
+    state["full"] = True  # (after the start-up check of the limit against the free space)
+    ps.save(prefilled(model, BASE + MORE, True)[0])  # 4 blocks spill: the 1st write fails, 3 skipped
+    ps.flush()
+    st = ps.stats()
+    assert state["tries"] == 1 and st["disk_full"] and st["write_errors"] == 1 and st["disk_full_skipped"] == 3
+    assert len(logs) == 1 and "is full" in logs[0] and "paused" in logs[0]
+    assert list(tmp_path.iterdir()) == [] and ps.lookup(BASE + MORE) == 0  # no temp file left behind
+    time.sleep(0.35)  # retry due, but the disk still says it has no room: skipped without a try
+    ps.save(prefilled(model, BASE, True)[0])
+    ps.flush()
+    assert state["tries"] == 1 and len(logs) == 1 and ps.stats()["disk_full_skipped"] == 6
+    state["full"] = False  # room again
+    time.sleep(0.35)
+    ps.save(prefilled(model, BASE + MORE, True)[0])
+    ps.flush()
+    st = ps.stats()
+    assert not st["disk_full"] and st["disk_blocks"] == 4 and state["tries"] == 5
+    assert len(logs) == 2 and "room again" in logs[1]
+    check_hit(model, ps, BASE + MORE, True, ram=0, disk=64)
+    ps.close()
