@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 from typing import Optional
 
 import typer
@@ -14,6 +13,9 @@ from typing_extensions import Annotated
 
 from glm_mlx.errors import GlmMlxError
 
+from .serve_access import (AllowedHost, AllowedOrigins, ApiKey, ApiKeyFile, BodyTimeout, HeaderTimeout,
+                           IdleTimeout, LogFormat, MaxConnections, NoAuth, ShutdownTimeout, is_loopback, policy,
+                           read_keys)
 from .options import (KvBits, ModelArg, ModelOpt, NoMtp, NumDraft, check_kv_bits, load_for_generation,
                       parse_template_args, pick_model)
 
@@ -71,15 +73,21 @@ def serve(
     max_queue: MaxQueue = 64, max_batch: MaxBatch = None, cache_dir: CacheDir = None, cache_memory: CacheMemory = None,
     cache_disk: CacheDisk = "64GB", cache_block: CacheBlock = 256, no_prefix_cache: NoPrefixCache = False,
     kv_bits: KvBits = None, keepalive: Keepalive = 5.0, log_level: LogLevel = "warning",
+    api_key: ApiKey = None, api_key_file: ApiKeyFile = None, no_auth: NoAuth = False,
+    allowed_host: AllowedHost = None, allowed_origins: AllowedOrigins = None, max_connections: MaxConnections = 256,
+    header_timeout: HeaderTimeout = 10.0, body_timeout: BodyTimeout = 60.0, idle_timeout: IdleTimeout = 30.0,
+    shutdown_timeout: ShutdownTimeout = 30.0, log_format: LogFormat = "text",
 ):
     """Serve the model over the OpenAI and Anthropic HTTP APIs (tool calls, reasoning, streaming).
 
     Example: glm-mlx serve ./GLM-5.1-mlx --port 8080, then point an OpenAI client at http://127.0.0.1:8080/v1
     or an Anthropic client (ANTHROPIC_BASE_URL) at http://127.0.0.1:8080
     """
-    from glm_mlx.serve.http import serve as bind
+    from glm_mlx.serve.server import Timeouts, bind, run
     from glm_mlx.serve.stream import ServerConfig
     from glm_mlx.serve.worker import Worker
+
+    access = policy(host, read_keys(api_key, api_key_file), no_auth, allowed_host, allowed_origins, log_format)
 
     if log_level.lower() not in ("warning", "info", "debug"):
         raise ServeError(f"--log-level must be warning, info or debug, got {log_level!r}")
@@ -108,7 +116,7 @@ def serve(
     cfg = ServerConfig(model_id=path.name, context=limit, max_tokens=max_tokens, vocab_size=args.vocab_size,
                        thinking=template_args.get("enable_thinking", reasoning), template_args=template_args, keepalive=keepalive, **gen)
     try:
-        httpd = bind(worker, cfg, host, port)
+        sock = bind(host, port)
     except OSError as e:
         worker.stop()
         worker.join(timeout=120)  # it frees its MLX streams on the way out (see Worker.run)
@@ -117,24 +125,19 @@ def serve(
     prefix = worker.prefix
     cache_note = "no prefix cache" if prefix is None else (
         f"prefix cache {prefix.memory_bytes / 1e9:.1f} GB RAM + {prefix.disk_limit / 1e9:.0f} GB at {prefix.disk_dir}")
-    err.print(f"Serving {path.name} on http://{host}:{httpd.server_address[1]} (OpenAI: /v1/chat/completions, "
-              f"Anthropic: /v1/messages; context {limit:,} tokens, batch {worker.batch.max_batch}, {cache_note}; "
+    shown = f"[{host}]" if ":" in host else host
+    err.print(f"Serving {path.name} on http://{shown}:{sock.getsockname()[1]} (OpenAI: /v1/chat/completions, "
+              f"/v1/responses; Anthropic: /v1/messages; status page: /; context {limit:,} tokens, batch "
+              f"{worker.batch.max_batch}, {cache_note}; {'API key required' if access.api_keys else 'no API key'}; "
               "Ctrl-C to stop)", soft_wrap=True)
-    # SIGTERM (a service manager, `kill`) stops as Ctrl-C does: the prefix cache's RAM tier is written out.
-    signal.signal(signal.SIGTERM, _interrupt)
+    if no_auth and not is_loopback(host):
+        err.print(f"[yellow]Warning:[/] --no-auth: anyone who can reach {host} can use the model", soft_wrap=True)
     try:
-        httpd.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        run(worker, cfg, access, sock, max_connections=max_connections,
+            timeouts=Timeouts(header_timeout, body_timeout, idle_timeout, shutdown_timeout))
     finally:
-        httpd.server_close()
-        worker.stop()
+        sock.close()
         worker.join(timeout=120)
-
-
-def _interrupt(*_):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once is enough: let the shutdown finish
-    raise KeyboardInterrupt
 
 
 def _budget(path, args, mtp: bool, context: int | None, max_batch: int | None) -> dict:

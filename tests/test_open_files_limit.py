@@ -29,7 +29,7 @@ def _expected(soft: int, hard: int) -> tuple[int, int]:
 
 @pytest.mark.parametrize("ulimit", ["ulimit -n 256", "ulimit -Sn 256", "true"])
 def test_server_imports_under_a_low_open_files_limit(ulimit):
-    r = _run(ulimit, f"{SHOW}; import glm_mlx.serve.http, mlx_lm.utils; {SHOW}")
+    r = _run(ulimit, f"{SHOW}; import glm_mlx.serve.app, mlx_lm.utils; {SHOW}")
     if r.returncode == 99:
         pytest.skip(f"{ulimit} refused here")
     assert r.returncode == 0, r.stderr[-2000:]

@@ -30,8 +30,10 @@ BAD_REQUESTS = [  # (id, path, body, the OpenAI error's param, text its message 
     ("max-tokens-float", CHAT, {**GOOD, "max_tokens": 1.5}, "max_tokens", "'max_tokens' must be an integer"),
     ("max-tokens-0", CHAT, {**GOOD, "max_tokens": 0}, "max_tokens", "'max_tokens' must be in"),
     ("n-2", CHAT, {**GOOD, "n": 2}, "n", "'n' must be"),
-    ("json-schema", CHAT, {**GOOD, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
-     "response_format", "'response_format'"),
+    ("json-schema-not-a-schema", CHAT, {**GOOD, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": "an object please"}}}, "response_format", "'response_format.json_schema.schema'"),
+    ("response-format-type", CHAT, {**GOOD, "response_format": {"type": "yaml"}}, "response_format",
+     "'response_format.type'"),
     ("temperature-9", CHAT, {**GOOD, "temperature": 9}, "temperature", "'temperature' must be in [0.0, 2.0]"),
     ("temperature-huge-int", CHAT, HUGE_TEMPERATURE, "temperature", "'temperature' must be in"),
     ("seed-string", CHAT, {**GOOD, "seed": "1"}, "seed", "'seed' must be an integer"),
@@ -130,10 +132,16 @@ def _read_response(sock) -> tuple[int, dict, bytes]:
 @pytest.mark.parametrize("chunked", [False, True])
 def test_body_over_the_cap_is_413(server, chunked):
     s = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-    head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-    if chunked:  # one chunk announced larger than the 32 MiB cap: refused before it is read
-        s.sendall(f"{head}Transfer-Encoding: chunked\r\n\r\n{40 * 2 ** 20:x}\r\n".encode())
-    else:
+    head = "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    if chunked:  # 1 MiB chunks past the 32 MiB cap: refused once the cap is passed, the rest unread
+        s.sendall(f"{head}Transfer-Encoding: chunked\r\n\r\n".encode())
+        chunk = b"%x\r\n%s\r\n" % (2 ** 20, b" " * 2 ** 20)
+        try:
+            for _ in range(40):
+                s.sendall(chunk)
+        except OSError:  # the server answered and closed while we were still sending
+            pass
+    else:  # announced larger than the cap: refused before any of it is read
         s.sendall(f"{head}Content-Length: {40 * 2 ** 20}\r\n\r\n".encode())
     status, headers, body = _read_response(s)
     s.close()
