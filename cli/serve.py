@@ -74,7 +74,7 @@ def serve(
     cache_disk: CacheDisk = "64GB", cache_block: CacheBlock = 256, no_prefix_cache: NoPrefixCache = False,
     kv_bits: KvBits = None, keepalive: Keepalive = 5.0, log_level: LogLevel = "warning",
     api_key: ApiKey = None, api_key_file: ApiKeyFile = None, no_auth: NoAuth = False,
-    allowed_host: AllowedHost = None, allowed_origins: AllowedOrigins = None, max_connections: MaxConnections = 256,
+    allowed_host: AllowedHost = None, allowed_origins: AllowedOrigins = None, max_connections: MaxConnections = 1000,
     header_timeout: HeaderTimeout = 10.0, body_timeout: BodyTimeout = 60.0, idle_timeout: IdleTimeout = 30.0,
     shutdown_timeout: ShutdownTimeout = 30.0, log_format: LogFormat = "text",
 ):

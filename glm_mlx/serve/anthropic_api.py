@@ -16,15 +16,18 @@ from .worker import Finished, GenRequest
 # Honoured fields (docs/api_fields.md): any other is accepted and ignored (fields.Fields), e.g. metadata,
 # service_tier, container, speed, inference_geo, diagnostics, user_profile_id, top-level cache_control.
 MESSAGES = {"model", "messages", "system", "max_tokens", "stop_sequences", "stream", "temperature", "top_p", "top_k",
-            "tools", "tool_choice", "thinking", "output_config", "context_management"}
+            "tools", "tool_choice", "thinking", "output_config", "context_management",
+            # glm-mlx's own (the sampling fields OpenAI's API takes), through extra_body
+            "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "seed"}
 COUNT = {"model", "messages", "system", "tools", "tool_choice", "thinking", "output_config", "context_management"}
 # Tools Anthropic's servers run (web search, code execution, ...): nothing here can run them, so they are
 # accepted and not shown to the model (it cannot call what it is not told of).
 SERVER_TOOLS = ("web_search", "web_fetch", "code_execution", "mcp_toolset", "tool_search", "memory")
 STOP = {"stop": "end_turn", "stop_sequence": "stop_sequence", "tool_calls": "tool_use", "length": "max_tokens",
         "cancelled": "end_turn", "error": "end_turn"}
-ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
-               413: "request_too_large", 503: "overloaded_error", 500: "api_error"}
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error", 413: "request_too_large",
+               415: "invalid_request_error", 421: "permission_error", 503: "overloaded_error", 500: "api_error"}
 
 
 def error_body(status: int, message: str) -> dict:

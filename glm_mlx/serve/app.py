@@ -16,6 +16,7 @@ import traceback
 from dataclasses import dataclass, field
 
 from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -63,11 +64,14 @@ async def read_json(request, cfg: ServerConfig):
     if declared is not None and declared.isdigit() and int(declared) > cfg.max_body:
         raise BadRequest(f"request body is {declared} bytes; the limit is {cfg.max_body}", status=413)
     parts, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > cfg.max_body:
-            raise BadRequest(f"request body over {cfg.max_body} bytes", status=413)
-        parts.append(chunk)
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > cfg.max_body:
+                raise BadRequest(f"request body over {cfg.max_body} bytes", status=413)
+            parts.append(chunk)
+    except ClientDisconnect:  # gone (or timed out by the guard) mid-body: nobody to answer
+        raise ClientGone from None
     raw = b"".join(parts)
     try:
         body = json.loads(raw or b"null")
@@ -143,6 +147,9 @@ def make_app(front: Front, middleware=None) -> Starlette:
                                   headers={"Connection": "close"} if e.status == 413 else None)
         except Busy as e:
             return error_response(503, f"server busy: {e}", path, headers={"Retry-After": "1"})
+        except ClientGone:
+            state["gone"] = True
+            return Response(status_code=499)
         seen = state.setdefault("seen", {})
         responder = api.responder(call)
 
@@ -170,6 +177,8 @@ def make_app(front: Front, middleware=None) -> Starlette:
                 loop_pool, anthropic_api.count_tokens, body, cfg, worker.tokenizer)
         except BadRequest as e:
             return error_response(e.status, str(e), path, e.param, e.code)
+        except ClientGone:
+            return Response(status_code=499)
         return JSONResponse(out)
 
     def model_card() -> dict:

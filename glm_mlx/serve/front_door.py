@@ -162,7 +162,10 @@ class FrontDoor:
             elif state.get("gone") or (status == 200 and "seen" in state):
                 extra = " cancelled (client disconnected)"
             line = f'{client} "{method} {where}" {status}{extra} {seconds:.2f}s'
-        with self._lock:  # one line written whole, never interleaved with another
+        self.write(line)
+
+    def write(self, line: str):
+        with self._lock:  # one line written whole, never interleaved with another (relay threads log too)
             self.log.write(line + "\n")
             self.log.flush()
 

@@ -33,7 +33,8 @@ class Limits:
 
     header_timeout = 10.0
     body_timeout = 60.0
-    max_connections = 256
+    max_connections = 1000
+    log = staticmethod(lambda line: None)  # the access log's writer (front_door.FrontDoor.write)
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -41,6 +42,7 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_made(transport)
         self._timer = None
         if len(self.connections) > Limits.max_connections:
+            self._log(503, f"refused: over {Limits.max_connections} open connections (--max-connections)")
             transport.write(error_bytes(503, "Service Unavailable", f"too many open connections (over "
                                         f"{Limits.max_connections}, --max-connections); try again shortly",
                                         "server_busy"))
@@ -67,8 +69,13 @@ class GuardedH11Protocol(H11Protocol):
         self._disarm()
         super().on_response_complete()
 
+    def _log(self, status: int, what: str):
+        client = self.client[0] if self.client else "-"
+        Limits.log(f'{client} "- -" {status} {what}')
+
     def send_400_response(self, msg: str):
         self._disarm()
+        self._log(400, f"malformed HTTP request: {msg}")
         if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE) and not self.transport.is_closing():
             self.transport.write(error_bytes(400, "Bad Request", f"malformed HTTP request: {msg}"))
         self.transport.close()
@@ -89,7 +96,10 @@ class GuardedH11Protocol(H11Protocol):
         self._timer = None
         if self.transport.is_closing():
             return
-        if self.conn.our_state is h11.IDLE:  # nothing answered yet: say why before closing
+        self._log(408, f"the request's {phase} did not arrive in time")
+        if self.cycle is None or not self.cycle.response_started:  # nothing answered yet: say why, then close
+            if self.cycle is not None:
+                self.cycle.response_complete = self.cycle.disconnected = True  # the app's receive() ends
             self.transport.write(error_bytes(408, "Request Timeout", f"the request's {phase} did not arrive in time "
                                              f"({Limits.header_timeout if phase == 'headers' else Limits.body_timeout:g}"
                                              " s)"))

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import signal
 import socket
 import threading
+import time
 from dataclasses import dataclass
 
 import uvicorn
@@ -79,14 +82,22 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+def _as_json(line: str) -> str:
+    client, _, rest = line.partition(' "- -" ')
+    status, _, what = rest.partition(" ")
+    return json.dumps({"time": round(time.time(), 3), "client": client, "status": int(status), "error": what})
+
+
 def run(worker, cfg, policy: Policy, sock: socket.socket, *, timeouts: Timeouts = Timeouts(),
-        max_connections: int = 256, log=None, planned_bytes: int | None = None):
+        max_connections: int = 1000, log=None, planned_bytes: int | None = None):
     """Serve on `sock` until SIGTERM / Ctrl-C; the worker is stopped on the way out."""
     Limits.header_timeout, Limits.body_timeout, Limits.max_connections = \
         timeouts.header, timeouts.body, max_connections
     front = Front(worker, cfg, Bridge(threads=worker.max_queue + 64), metrics=Metrics(worker))
     front.planned_bytes = planned_bytes
     app = FrontDoor(make_app(front), policy, front, log)
+    Limits.log = app.write if policy.log_format == "text" else (lambda line: app.write(_as_json(line)))
+    logging.getLogger("uvicorn.error").setLevel(logging.ERROR)  # its "Invalid HTTP request" lines: the guard logs them
     config = uvicorn.Config(app, http=GuardedH11Protocol, lifespan="off", access_log=False, log_config=None,
                             log_level="warning", timeout_keep_alive=timeouts.keep_alive, server_header=False,
                             timeout_graceful_shutdown=int(timeouts.shutdown) + 10, backlog=1024)
