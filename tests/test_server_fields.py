@@ -219,3 +219,26 @@ def test_stream_sends_keepalives_during_a_long_prefill(tmp_path):
     finally:
         s.stop()
         s.cleanup()
+
+
+def test_anthropic_output_config_format_is_enforced(ac):
+    """LangChain's ChatAnthropic.with_structured_output(method="json_schema") sends output_config.format."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    m = ac.messages.create(model="claude-x", max_tokens=40, messages=[{"role": "user", "content": "Is it ok?"}],
+                           extra_body={"output_config": {"format": {"type": "json_schema", "schema": schema}},
+                                       "temperature": 0})
+    text = "".join(b.text for b in m.content if b.type == "text")
+    assert json.loads(text)["ok"] in (True, False), text
+
+
+def test_deferred_tools_are_not_shown(tokenizer):
+    from glm_mlx.serve.stream import ServerConfig
+
+    cfg = ServerConfig(model_id=MODEL, context=CONTEXT, max_tokens=16, vocab_size=len(tokenizer.vocab))
+    base = {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}
+    tool = {"name": "Read", "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}}}
+    shown = anthropic_api.messages_call({**base, "tools": [tool]}, cfg, tokenizer)
+    hidden = anthropic_api.messages_call({**base, "tools": [tool, {**tool, "name": "Later", "defer_loading": True}]},
+                                         cfg, tokenizer)
+    assert shown.prompt.ids == hidden.prompt.ids

@@ -16,7 +16,7 @@ from .worker import Finished, GenRequest
 # Honoured fields (docs/api_fields.md): any other is accepted and ignored (fields.Fields), e.g. metadata,
 # service_tier, container, speed, inference_geo, diagnostics, user_profile_id, top-level cache_control.
 MESSAGES = {"model", "messages", "system", "max_tokens", "stop_sequences", "stream", "temperature", "top_p", "top_k",
-            "tools", "tool_choice", "thinking", "output_config", "context_management",
+            "tools", "tool_choice", "thinking", "output_config", "context_management", "output_format",
             # glm-mlx's own (the sampling fields OpenAI's API takes), through extra_body
             "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "seed"}
 COUNT = {"model", "messages", "system", "tools", "tool_choice", "thinking", "output_config", "context_management"}
@@ -123,6 +123,8 @@ def _tools(f: Fields) -> list | None:
             raise BadRequest(f"tools.{i} needs a name", "tools")
         if isinstance(t.get("type"), str) and t["type"].startswith(SERVER_TOOLS):
             continue
+        if t.get("defer_loading"):  # (Anthropic's tool search) hidden until loaded: here, never shown
+            continue
         out.append({"type": "function", "function": {"name": t["name"], "description": t.get("description", ""),
                                                       "parameters": t.get("input_schema") or {"type": "object"}}})
     return out or None
@@ -208,8 +210,22 @@ def messages_call(body, cfg: ServerConfig, tokenizer) -> Call:
     model = body.get("model") if isinstance(body.get("model"), str) else cfg.model_id
     gen = gen_request(prompt, budget, params, f.stop_strings("stop_sequences"))
     # A forced call (tool_choice any / tool) is held to a declared tool and its schema (serve/grammar.py).
-    gen = constrain(gen, prompt, for_request(tokenizer, prompt, tools, parallel=parallel), reasoning_budget)
+    fmt = _output_format(f)
+    gen = constrain(gen, prompt, for_request(tokenizer, prompt, tools, parallel=parallel, response_format=fmt,
+                                             param="output_config.format"), reasoning_budget)
     return Call(prompt, gen, stream, tools, parallel, model)
+
+
+def _output_format(f: Fields) -> dict | None:
+    """Anthropic's structured outputs: `output_config.format` ({"type": "json_schema", "schema": ...}), or the
+    beta's top-level `output_format` -> OpenAI's response_format shape, enforced while decoding."""
+    fmt = (f.typed("output_config", (dict,), "an object", {}) or {}).get("format") or f.raw("output_format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        raise BadRequest("'output_config.format' must be {'type': 'json_schema', 'schema': {...}}",
+                         "output_config.format")
+    return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt.get("schema") or {"type": "object"}}}
 
 
 def usage(end: Finished | None) -> dict:
