@@ -17,9 +17,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from glm_mlx import grammar as engine_grammar
-from glm_mlx.engine import Engine
-from glm_mlx.reference_model import DEFAULT_MODEL
+from glm_mlx.generation import constrain as engine_grammar
+from glm_mlx.generation.engine import Engine
+from glm_mlx.model.reference import DEFAULT_MODEL
 from glm_mlx.serve import grammar as G
 
 SCHEMA = {"type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"]}

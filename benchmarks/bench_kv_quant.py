@@ -17,7 +17,7 @@ For the unquantized cache (the model dtype) and --kv-bits 8 and 4 it prints one 
     of --repeat runs) and the ratio to the unquantized cache.
 Then the sparse attention core at GLM-5.1's sizes (64 heads, kv_lora_rank 512, rope 64, 2048 rows
 gathered per decoded token): the unquantized gather, dequantizing the gathered quantized rows (what
-glm_mlx.attention does), and mx.quantized_matmul on them, in ms per layer and token.
+glm_mlx.model.attention does), and mx.quantized_matmul on them, in ms per layer and token.
 
 The held-out split is scripts/reference_data.py's (the corpus in build/reference_corpus). On the CPU
 backend the model (an MoE) runs in float32, so "unquantized" is a float32 cache there (bfloat16 on
@@ -131,7 +131,7 @@ def decode_drift(model, wins: list[np.ndarray], prefill: int) -> dict:
 
 
 def greedy(model, prompts: list[list[int]], gen: int) -> dict:
-    from glm_mlx.engine import Engine
+    from glm_mlx.generation.engine import Engine
 
     runs = {}
     for bits in BITS:
@@ -153,7 +153,7 @@ def greedy(model, prompts: list[list[int]], gen: int) -> dict:
 
 
 def decode_speed(model, prompt: list[int], gen: int, repeat: int) -> dict:
-    from glm_mlx.engine import Engine, StepStats
+    from glm_mlx.generation.engine import Engine, StepStats
 
     out = {}
     for _ in range(repeat):  # interleaved, so drifting machine load hits every variant alike
@@ -259,7 +259,7 @@ def main():
     import reference_data as rd
     from eval_reference import token_stream
 
-    from glm_mlx.loading import load
+    from glm_mlx.model.loading import load
 
     t0 = time.time()
     model, tokenizer = load(args.model)

@@ -251,7 +251,7 @@ def decode_at_scale(impl: Impl, T: int = REAL_CTX, k: int = REAL["index_topk"]) 
 
 def shared_costs(impl: Impl, L: int, reps: int) -> dict:
     """Per-token costs both implementations share (same matmuls): attention projections, MLP, MoE, head."""
-    from glm_mlx.moe import MLP
+    from glm_mlx.model.moe import MLP
 
     m, a = impl.model, impl.model.layers[1].self_attn
     expert = MLP(m.args.hidden_size, REAL["moe_intermediate_size"])  # one real-size expert

@@ -25,10 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
-from glm_mlx import batch_cache  # noqa: E402
-from glm_mlx.attention import Indexer  # noqa: E402
-from glm_mlx.batch_cache import BatchLayerCache  # noqa: E402
-from glm_mlx.config import ModelArgs  # noqa: E402
+from glm_mlx.batch import cache as batch_cache
+from glm_mlx.model.attention import Indexer  # noqa: E402
+from glm_mlx.batch.cache import BatchLayerCache  # noqa: E402
+from glm_mlx.model.config import ModelArgs  # noqa: E402
 
 
 def main():

@@ -16,12 +16,12 @@ from pathlib import Path
 import mlx.core as mx
 
 from glm_mlx import load
-from glm_mlx.engine import Engine, StepStats
-from glm_mlx.generate import encode_prompt
+from glm_mlx.generation.engine import Engine, StepStats
+from glm_mlx.generation.text import encode_prompt
 
 
 def default_model() -> str:
-    from glm_mlx.reference_model import DEFAULT_MODEL
+    from glm_mlx.model.reference import DEFAULT_MODEL
 
     return str(DEFAULT_MODEL)
 

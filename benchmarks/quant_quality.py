@@ -68,7 +68,7 @@ def _nearest(e: np.ndarray) -> np.ndarray:
 
 
 def glm_table(path: Path, calib: Path, text: Path, window: int, max_tokens: int) -> str:
-    from glm_mlx.config import ModelArgs
+    from glm_mlx.model.config import ModelArgs
     from glm_mlx.quantize.allocate import allocate
     from glm_mlx.quantize.converter import convert, mtp_in_source
     from glm_mlx import load_model

@@ -28,7 +28,7 @@ def bench(
     """
     import mlx.core as mx
 
-    from glm_mlx.engine import Engine, StepStats
+    from glm_mlx.generation.engine import Engine, StepStats
 
     m, _, path = load_for_generation(pick_model(model, model_opt), context=prompt_tokens + gen_tokens,
                                      mtp=not no_mtp, kv_bits=kv_bits)

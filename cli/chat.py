@@ -1,4 +1,4 @@
-"""`glm-mlx chat`: an interactive terminal chat over glm_mlx.chat.ChatSession."""
+"""`glm-mlx chat`: an interactive terminal chat over glm_mlx.generation.chat.ChatSession."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def chat(
 
     Example: glm-mlx chat ./GLM-5.1-mlx --think
     """
-    from glm_mlx.chat import ChatSession
+    from glm_mlx.generation.chat import ChatSession
 
     template_args = parse_template_args(chat_template_args)  # before loading: a typo fails at once
     asked = template_args.pop("enable_thinking", None)

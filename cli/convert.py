@@ -172,8 +172,8 @@ def convert(
 
     Example: glm-mlx convert ./GLM-5.1 ./GLM-5.1-4bit -q --upload-repo me/GLM-5.1-4bit
     """
-    from glm_mlx.config import ModelArgs, config_dtype
-    from glm_mlx.loading import resolve_path
+    from glm_mlx.model.config import ModelArgs, config_dtype
+    from glm_mlx.model.loading import resolve_path
     from glm_mlx.quantize import converter
     from glm_mlx.quantize.output_dir import refuse_foreign
     from glm_mlx.quantize.formats import unquantized
@@ -196,7 +196,7 @@ def convert(
             raise GlmMlxError(f"--dequantize writes unquantized weights: {recipe_given[0]} does not apply",
                               f"Drop {recipe_given[0]}, or drop --dequantize to quantize.")
     if upload_repo is not None:
-        from glm_mlx import hub_upload
+        from glm_mlx.hub import upload as hub_upload
 
         hub_upload.check_upload_repo(upload_repo)
     dst = dst.expanduser()

@@ -64,7 +64,7 @@ def download(
 
     Example: glm-mlx download zai-org/GLM-5.1 config.json tokenizer.json --dry-run
     """
-    from glm_mlx import hub  # here, not at the top: keeps `glm-mlx --help` from importing huggingface_hub
+    from glm_mlx.hub import download as hub
     from glm_mlx.errors import GlmMlxError
 
     if dir is not None and cache_dir is not None:

@@ -13,9 +13,9 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperCommand
 
-from glm_mlx.config import ModelArgs
+from glm_mlx.model.config import ModelArgs
 from glm_mlx.errors import ConfigError, GlmMlxError
-from glm_mlx.model import set_kv_cache_bits
+from glm_mlx.model.glm_moe_dsa import set_kv_cache_bits
 from glm_mlx.quantize.allocate import allocate
 from glm_mlx.quantize.formats import make_format
 from glm_mlx.quantize import compare as cmp

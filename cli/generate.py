@@ -36,7 +36,7 @@ def generate(
 
     Example: glm-mlx generate ./GLM-5.1-mlx --prompt "Write a haiku about unified memory"
     """
-    from glm_mlx.generate import render_chat, stream_generate
+    from glm_mlx.generation.text import render_chat, stream_generate
 
     template_args = parse_template_args(chat_template_args)  # before loading: a typo fails at once
     asked = template_args.pop("enable_thinking", None)
@@ -74,7 +74,7 @@ def generate(
 def open_prompt_cache(file: str, model, path, mtp: bool):
     """--prompt-cache-file: the saved cache when the file exists (a new one otherwise). The engine reuses its
     tokens where the prompt starts the same (mlx-lm's cache_prompt + generate, in one flag)."""
-    from glm_mlx.prompt_cache import PromptCache, PromptCacheError
+    from glm_mlx.generation.prompt_cache import PromptCache, PromptCacheError
 
     if hasattr(model, "broadcast_request"):  # a pipeline: the other ranks hold their layers' caches
         raise FlagError("--prompt-cache-file is not supported in a multi-Mac pipeline yet",

@@ -178,7 +178,7 @@ def resolve_model(model: str | None) -> str:
     if model:
         return model
     try:
-        from glm_mlx.reference_model import DEFAULT_MODEL
+        from glm_mlx.model.reference import DEFAULT_MODEL
     except ImportError:
         DEFAULT_MODEL = None
     if DEFAULT_MODEL is None or not Path(DEFAULT_MODEL).exists():
@@ -255,7 +255,7 @@ def distributed_group():
 
 def check_kv_bits(kv_bits: int | None) -> None:
     """--kv-bits is 4 or 8 (or not given)."""
-    from glm_mlx.config import KV_CACHE_BITS
+    from glm_mlx.model.config import KV_CACHE_BITS
 
     if kv_bits not in KV_CACHE_BITS:
         raise OptionRangeError(f"--kv-bits must be 8 or 4 (got {kv_bits})", "Leave it out for an unquantized cache.")
@@ -272,8 +272,8 @@ def load_for_generation(model: str | None, context: int = 8192, mtp: bool = True
     from rich.console import Console
 
     from glm_mlx import load
-    from glm_mlx.config import ModelArgs
-    from glm_mlx.loading import read_config, resolve_path
+    from glm_mlx.model.config import ModelArgs
+    from glm_mlx.model.loading import read_config, resolve_path
     from glm_mlx.memory import check_memory, set_wired_limit
 
     check_kv_bits(kv_bits)
@@ -282,7 +282,7 @@ def load_for_generation(model: str | None, context: int = 8192, mtp: bool = True
     if group is not None:
         from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-        from glm_mlx.distributed import follow, pipeline_load
+        from glm_mlx.distributed.pipeline import follow, pipeline_load
 
         ranges, stage = _planned_split(path, group, mtp)
         pm, path = pipeline_load(path, group, ranges=ranges, mtp=mtp)

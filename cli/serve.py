@@ -162,7 +162,7 @@ def _prefix_factory(holder, cache_dir, cache_memory, cache_disk, block, mtp):
     disk = int(parse_size(cache_disk))
 
     def make(model):
-        from glm_mlx.prefix_cache import PrefixCache, default_cache_dir
+        from glm_mlx.prefix.cache import PrefixCache, default_cache_dir
 
         ram = memory if memory is not None else holder["prefix_ram"]
         return PrefixCache(model, identity=_identity(holder["path"]), block_size=block, mtp=mtp and model.has_mtp,

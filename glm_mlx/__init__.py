@@ -43,13 +43,14 @@ def _fit_mlx_lm_file_limit():
 
 _fit_mlx_lm_file_limit()  # before any glm_mlx module imports mlx_lm
 
-from .config import ModelArgs  # noqa: E402
+from .model.config import ModelArgs  # noqa: E402
 from .errors import CheckpointError, ConfigError, GlmMlxError  # noqa: E402
 
 
-_LAZY = {"load": "loading", "load_model": "loading", "generate": "generate", "stream_generate": "generate",
-         "encode_prompt": "generate", "Engine": "engine", "PromptCache": "prompt_cache", "SamplingParams": "sampling",
-         "Model": "model"}
+_LAZY = {"load": "model.loading", "load_model": "model.loading", "generate": "generation.text",
+         "stream_generate": "generation.text", "encode_prompt": "generation.text", "Engine": "generation.engine",
+         "PromptCache": "generation.prompt_cache", "SamplingParams": "generation.sampling",
+         "Model": "model.glm_moe_dsa"}
 
 
 def __getattr__(name):
@@ -59,7 +60,7 @@ def __getattr__(name):
     import importlib
 
     value = getattr(importlib.import_module(f"glm_mlx.{_LAZY[name]}"), name)
-    globals()[name] = value  # also replaces the submodule attribute `generate` with the function
+    globals()[name] = value
     return value
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .config import ModelArgs
+from .model.config import ModelArgs
 
 MB = 1024 * 1024
 

@@ -18,7 +18,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
-from glm_mlx.config import ModelArgs
+from glm_mlx.model.config import ModelArgs
 from glm_mlx.errors import GlmMlxError
 
 from .allocate import LADDER

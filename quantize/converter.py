@@ -27,8 +27,8 @@ import mlx.core as mx
 
 from glm_mlx import atomic
 from glm_mlx.disk import check_writable, fmt_bytes, free_bytes
-from glm_mlx.config import ModelArgs, config_dtype
-from glm_mlx.loading import INDEX_FILE
+from glm_mlx.model.config import ModelArgs, config_dtype
+from glm_mlx.model.loading import INDEX_FILE
 
 from .formats import Format
 from .imatrix import Importance
@@ -295,7 +295,7 @@ def write_manifest(dst: Path, plan: Plan, fp: dict, importance: Importance | Non
 
 def verify(dst: Path, plan: Plan) -> int:
     """Every planned array present with its dtype and shape; total bytes == the planner's; it loads."""
-    from glm_mlx.loading import load_model
+    from glm_mlx.model.loading import load_model
 
     total = 0
     for s in plan.shards:

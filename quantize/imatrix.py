@@ -31,9 +31,9 @@ from mlx_lm.models.mla import MultiLinear
 from mlx_lm.models.switch_layers import SwitchLinear
 
 from glm_mlx import atomic
-from glm_mlx.config import ModelArgs
-from glm_mlx.model import DecoderLayer, MTPLayer
-from glm_mlx.sanitize import sanitize_weights
+from glm_mlx.model.config import ModelArgs
+from glm_mlx.model.glm_moe_dsa import DecoderLayer, MTPLayer
+from glm_mlx.model.sanitize import sanitize_weights
 
 
 @dataclass

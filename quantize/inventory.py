@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from glm_mlx.config import ModelArgs
+from glm_mlx.model.config import ModelArgs
 
 EMBED, ATTN, INDEXER, DENSE, ROUTED, SHARED, ROUTER, NORMS, MTP = (
     "embeddings/head", "attention", "indexer", "dense MLP", "routed experts",

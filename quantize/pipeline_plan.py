@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from glm_mlx.config import ModelArgs, config_dtype
-from glm_mlx.loading import read_config
+from glm_mlx.model.config import ModelArgs, config_dtype
+from glm_mlx.model.loading import read_config
 
 from .formats import unquantized
 from .macs import Mac, custom_mac, get_mac
@@ -43,7 +43,7 @@ def launch_plan(path: str | Path, macs: list[Mac], context: int | None = None, m
 
 
 def layer_ranges(plan: PipelinePlan) -> list[tuple[int, int]]:
-    """[start, end) per rank, as glm_mlx.distributed takes them (the plan's stages are inclusive)."""
+    """[start, end) per rank, as glm_mlx.distributed.pipeline takes them (the plan's stages are inclusive)."""
     return [(s.layers[0], s.layers[1] + 1) for s in plan.stages]
 
 
@@ -53,7 +53,7 @@ def rank_macs(group) -> list[Mac]:
     if named:
         macs = parse_macs(named)
         if len(macs) != group.size():
-            from glm_mlx.pipeline_split import DistributedError
+            from glm_mlx.distributed.split import DistributedError
 
             raise DistributedError(f"--macs names {len(macs)} Macs for {group.size()} ranks",
                                    "Name one Mac per rank, in rank order.")

@@ -16,9 +16,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from importlib.resources import files
 
-from glm_mlx.config import ModelArgs
+from glm_mlx.model.config import ModelArgs
 from glm_mlx.errors import GlmMlxError
-from glm_mlx.pipeline_split import split_layers
+from glm_mlx.distributed.split import split_layers
 
 from .allocate import LADDER, BudgetError, allocate, error_of
 from .inventory import ROUTED, inventory, model_dtype_bytes
@@ -364,7 +364,7 @@ def plan_pipeline(args: ModelArgs, recipe: Recipe, macs: list[Mac], context: int
              for i in range(n)]
     caps = [max(m.max_wired_limit - f, 1) for m, f in zip(macs, fixed)]  # room left for decoder layers
     sizes = [layer_w[l] + layer_kv[l] for l in range(L)]
-    # The same split the runtime uses (glm_mlx.distributed): cuts only before full-indexer layers.
+    # The same split the runtime uses (glm_mlx.distributed.pipeline): cuts only before full-indexer layers.
     bounds = [(a, b - 1) for a, b in split_layers(args, n, sizes, caps)]
     stages = []
     for i, (mac, (a, b)) in enumerate(zip(macs, bounds)):

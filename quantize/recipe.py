@@ -26,7 +26,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from glm_mlx import atomic
-from glm_mlx.config import ModelArgs
+from glm_mlx.model.config import ModelArgs
 from glm_mlx.errors import GlmMlxError
 
 from .formats import Format, FormatError, from_mlx, parse_format, unquantized

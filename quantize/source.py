@@ -19,8 +19,8 @@ import numpy as np
 
 from glm_mlx import atomic
 from glm_mlx.errors import CheckpointError
-from glm_mlx.loading import INDEX_FILE, read_config
-from glm_mlx.sanitize import FP8_BLOCK, dequantize_fp8
+from glm_mlx.model.loading import INDEX_FILE, read_config
+from glm_mlx.model.sanitize import FP8_BLOCK, dequantize_fp8
 
 # safetensors dtype -> (numpy dtype holding the raw bytes, bytes per element)
 RAW = {"BF16": (np.uint16, 2), "F16": (np.float16, 2), "F32": (np.float32, 4), "F8_E4M3": (np.uint8, 1),

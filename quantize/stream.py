@@ -2,7 +2,7 @@
 
 The small files (config, index, tokenizer) come first, so the whole conversion is planned before any
 weight is fetched. Then, for each output shard, the source shards it reads are downloaded (resumably,
-through glm_mlx.hub) and, once no later output shard needs them, deleted: peak disk use is the output
+through glm_mlx.hub.download) and, once no later output shard needs them, deleted: peak disk use is the output
 plus the few source shards in flight, not the whole source. An interrupted run resumes like any
 conversion: finished output shards are skipped (their sources are never fetched again) and a partial
 source download continues where it stopped.
@@ -13,9 +13,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from glm_mlx import hub
+from glm_mlx.hub import download as hub
 from glm_mlx.disk import fmt_bytes
-from glm_mlx.loading import INDEX_FILE
+from glm_mlx.model.loading import INDEX_FILE
 
 from .converter import TOKENIZER_FILES, ConvertError, Shard, shard_sources
 from .source import open_source

@@ -1,15 +1,15 @@
 """The working set: transient bytes of a prefill chunk, as the runtime allocates them.
 
 Checked against MLX's measured peak memory (tests/test_planner_memory.py); the sizes mirror
-glm_mlx.attention (it shares the chunk budgets and the sparse-or-dense choice), glm_mlx.moe
-(mlx-lm's SwitchGLU), glm_mlx.cache (growth steps) and the engine's prefill.
+glm_mlx.model.attention (it shares the chunk budgets and the sparse-or-dense choice), glm_mlx.model.moe
+(mlx-lm's SwitchGLU), glm_mlx.model.cache (growth steps) and the engine's prefill.
 """
 
 from __future__ import annotations
 
-from glm_mlx import attention
-from glm_mlx.cache import GROWTH_STEP
-from glm_mlx.config import ModelArgs
+from glm_mlx.model import attention
+from glm_mlx.model.cache import GROWTH_STEP
+from glm_mlx.model.config import ModelArgs
 
 from .inventory import model_dtype_bytes
 
@@ -28,7 +28,7 @@ def working_set(args: ModelArgs, context: int, mtp: bool = True, prefill_chunk: 
     another, but MLX allocates an op's output when the op is queued, ahead of its execution, so a
     phase's first tensors appear while the previous phase's are still alive: each phase entry
     includes that overlap. Peak = through-layer entries + the largest phase (`working_set_bytes`).
-    Sizes mirror glm_mlx.attention, glm_mlx.moe (mlx-lm's SwitchGLU) and the engine (logits for the
+    Sizes mirror glm_mlx.model.attention, glm_mlx.model.moe (mlx-lm's SwitchGLU) and the engine (logits for the
     last position): c = tokens per chunk = min(prefill_chunk, context), T = context, k = index_topk,
     a = activation bytes (model dtype).
     """

@@ -5,7 +5,7 @@
 Reports
   * held-out perplexity (inference forward pass, DSA active past index_topk) vs the unigram
     baseline (train-split token frequencies, add-one smoothed) on the same tokens;
-  * MTP greedy acceptance: glm_mlx.engine.Engine(mtp=True), drafts accepted / drafted
+  * MTP greedy acceptance: glm_mlx.generation.engine.Engine(mtp=True), drafts accepted / drafted
     (StepStats.acceptance_rate) while greedily continuing held-out prompts;
   * indexer recall: |indexer top-k ∩ dense attention's top-k keys| / k (dense probabilities
     summed over heads), for queries with more than k causal keys, vs chance k / (t + 1).
@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference_data as rd
 import reference_ops as ops
 
-from glm_mlx.engine import Engine, StepStats
-from glm_mlx.loading import load
-from glm_mlx.sampling import SamplingParams
+from glm_mlx.generation.engine import Engine, StepStats
+from glm_mlx.model.loading import load
+from glm_mlx.generation.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@
 
 Prompts are rendered by the model's chat template with the tools (tokenizer.apply_chat_template(
 messages, tools=..., add_generation_prompt=True, enable_thinking=...)) and decoded greedily by
-glm_mlx.generate.stream_generate until an end token. Held-out set (tool_data.eval_set): every
+glm_mlx.generation.text.stream_generate until an end token. Held-out set (tool_data.eval_set): every
 function, with its held-out phrasing template (or a function never trained on) and held-out
 argument values, thinking off and on alternately. Reports
   * parse rate: the reply holds a complete `<tool_call>NAME(<arg_key>K</arg_key><arg_value>V</arg_value>)*</tool_call>`;
@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference_ops as ops
 import tool_data as td
 
-from glm_mlx.generate import stream_generate
-from glm_mlx.loading import load
+from glm_mlx.generation.text import stream_generate
+from glm_mlx.model.loading import load
 
 ROOT = Path(__file__).resolve().parents[1]
 CALL = re.compile(r"<tool_call>\s*([^<\s]+)\s*((?:<arg_key>.*?</arg_key>\s*<arg_value>.*?</arg_value>\s*)*)</tool_call>", re.DOTALL)

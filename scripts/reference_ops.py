@@ -1,4 +1,4 @@
-"""Training-only forward pass of glm_mlx.model.Model, and the HF export.
+"""Training-only forward pass of glm_mlx.model.glm_moe_dsa.Model, and the HF export.
 
 The inference code (glm_mlx/attention.py) never materialises attention probabilities and picks
 the DSA top-k without gradients. Training needs both: the indexer is trained the DeepSeek-V3.2
@@ -16,9 +16,9 @@ from pathlib import Path
 import mlx.core as mx
 from mlx import nn
 
-from glm_mlx.attention import causal_mask
-from glm_mlx.model import Model
-from glm_mlx.moe import MoE
+from glm_mlx.model.attention import causal_mask
+from glm_mlx.model.glm_moe_dsa import Model
+from glm_mlx.model.moe import MoE
 
 OPENBLAS = ["/usr/lib/x86_64-linux-gnu/libopenblas.so.0", "/usr/lib/aarch64-linux-gnu/libopenblas.so.0"]
 
@@ -103,7 +103,7 @@ def attention(attn, x: mx.array, sparse: bool, return_probs: bool = False):
 
 
 def route(gate, x: mx.array):
-    """glm_mlx.moe.route for n_group=1, with the expert choice detached (argpartition has no VJP)."""
+    """glm_mlx.model.moe.route for n_group=1, with the expert choice detached (argpartition has no VJP)."""
     a = gate.args
     scores = mx.sigmoid(x @ gate.weight.T)
     choice = mx.stop_gradient(scores) + gate.e_score_correction_bias

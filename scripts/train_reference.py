@@ -8,7 +8,7 @@ Linux it re-executes itself with OpenBLAS preloaded (see reference_ops.ensure_fa
 install it with `apt-get install libopenblas0-pthread`. The corpus download needs `pip` and
 `apt-get download` (run `apt-get update` once).
 
-Same architecture as GLM-5.1, built from glm_mlx.model.Model: MLA, the DSA indexer
+Same architecture as GLM-5.1, built from glm_mlx.model.glm_moe_dsa.Model: MLA, the DSA indexer
 (index_topk 64 at training context 256), dense layers then MoE layers (shared expert, sigmoid
 router with the aux-loss-free correction bias), and one MTP layer. Schedule:
   1. dense phase: the main model attends densely and learns next-token + MTP (token after next)
@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference_data as rd
 import reference_ops as ops
 
-from glm_mlx.config import ModelArgs
-from glm_mlx.model import Model
+from glm_mlx.model.config import ModelArgs
+from glm_mlx.model.glm_moe_dsa import Model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "glm_mlx" / "data" / "glm-mini"

@@ -39,7 +39,7 @@ import reference_ops as ops
 import tool_data as td
 import train_reference as tr
 
-from glm_mlx.loading import load
+from glm_mlx.model.loading import load
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "glm_mlx" / "data" / "glm-mini"

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from glm_mlx.reference_model import DEFAULT_MODEL
+from glm_mlx.model.reference import DEFAULT_MODEL
 
 # GLM_MLX_TEST_SERVE_MODEL: serve another checkpoint instead (e.g. a glm-mini fine-tune before it is bundled)
 MODEL_DIR = Path(os.environ.get("GLM_MLX_TEST_SERVE_MODEL") or DEFAULT_MODEL)

@@ -9,11 +9,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from glm_mlx import batch_cache, load_model
-from glm_mlx.batch import BatchEngine
-from glm_mlx.engine import Engine, StepStats, catch_up_mtp
-from glm_mlx.prompt_cache import PromptCache
-from glm_mlx.sampling import SamplingParams
+from glm_mlx import load_model
+from glm_mlx.batch import cache as batch_cache
+from glm_mlx.batch.engine import BatchEngine
+from glm_mlx.generation.engine import Engine, StepStats, catch_up_mtp
+from glm_mlx.generation.prompt_cache import PromptCache
+from glm_mlx.generation.sampling import SamplingParams
 
 LENGTHS = (3, 20, 7, 40, 12, 5, 30, 9)  # index_topk is 8: most run past it, one prefill spans chunks
 N = 20
@@ -232,7 +233,7 @@ def test_switching_between_mtp_and_plain_passes_keeps_greedy_output(model, every
     their MTP slots to a batched catch-up (before drafting, or every `lazy` passes): the drafts after
     it must be what a fed MTP layer drafts (a wrong slot shows as a changed acceptance, not output, so
     the drafts are compared too)."""
-    import glm_mlx.decode_group as decode_group
+    import glm_mlx.batch.decode_group as decode_group
 
     if lazy:
         monkeypatch.setattr(decode_group, "LAZY_MTP_PASSES", lazy)
@@ -256,7 +257,7 @@ def test_switching_between_mtp_and_plain_passes_keeps_greedy_output(model, every
 def test_mode_chooser_fits_pass_times_and_probes_the_other():
     """Each mode's pass time is fitted as a line in the batch size (a fixed cost plus a cost per member),
     so sizes never measured are predicted; the faster predicted mode is taken and the other probed."""
-    from glm_mlx.batch_mtp import ModeChooser
+    from glm_mlx.batch.mtp import ModeChooser
 
     c = ModeChooser(probe=4, ema=0.5)
     assert c.choose(4) is True  # nothing measured: MTP first
@@ -417,7 +418,7 @@ def test_membership_changes_keep_the_group_and_move_rows_once(model):
 def test_rows_are_scored_in_ranges_of_like_length(monkeypatch):
     """Contiguous ranges, each over its own longest row (at least k keys), split only where the rows
     after are under half as long and the saving is worth BUCKET_MIN_MACS."""
-    from glm_mlx.batch_cache import BatchLayerCache
+    from glm_mlx.batch.cache import BatchLayerCache
 
     layer = BatchLayerCache(True, None, [], [], [5000, 4000, 300, 200, 40], 8)
     layer._capacity = 5120

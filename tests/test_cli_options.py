@@ -197,7 +197,8 @@ def test_convert_into_a_file(src, tmp_path):
 
 
 def test_space_checks_name_a_read_only_or_pseudo_target(tmp_path, monkeypatch):
-    from glm_mlx import disk, hub
+    from glm_mlx import disk
+    from glm_mlx.hub import download as hub
     from glm_mlx.disk import OutputPathError
 
     if Path("/proc/self").exists():

@@ -15,7 +15,7 @@ from cli_util import invoke as run
 from convert_fixtures import make_source, tree_bytes
 
 from glm_mlx import load_model
-from glm_mlx.config import ModelArgs
+from glm_mlx.model.config import ModelArgs
 from glm_mlx.quantize import converter
 from glm_mlx.quantize.planner import price
 from glm_mlx.quantize.recipe import Recipe

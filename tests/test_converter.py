@@ -19,8 +19,8 @@ from convert_fixtures import make_source, negate_tensor, swap_tensors, tree_byte
 from mlx.utils import tree_flatten
 
 from glm_mlx import load, load_model
-from glm_mlx.config import ModelArgs
-from glm_mlx.engine import Engine
+from glm_mlx.model.config import ModelArgs
+from glm_mlx.generation.engine import Engine
 from glm_mlx.quantize import converter
 from glm_mlx.quantize.converter import ConvertError, DiskSpaceError, convert
 from glm_mlx.quantize.planner import price

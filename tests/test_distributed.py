@@ -14,9 +14,9 @@ import pytest
 from reference import add_mtp_layer, make_reference, write_tokenizer
 
 from glm_mlx import ModelArgs, load_model
-from glm_mlx.engine import Engine
+from glm_mlx.generation.engine import Engine
 from glm_mlx.cli.launch import mlx_launch
-from glm_mlx.pipeline_split import split_layers
+from glm_mlx.distributed.split import split_layers
 from glm_mlx.quantize.pipeline_plan import launch_plan, layer_ranges, parse_macs
 from glm_mlx.quantize.this_mac import detect_mac
 

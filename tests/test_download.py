@@ -1,4 +1,4 @@
-"""`glm-mlx download` and glm_mlx.hub against the loopback fake Hub (tests/hub_server.py, fixture `hub`)."""
+"""`glm-mlx download` and glm_mlx.hub.download against the loopback fake Hub (tests/hub_server.py, fixture `hub`)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from glm_mlx import hub as hublib
+from glm_mlx.hub import download as hublib
 from glm_mlx.cli.app import app
 
 REPO = "org/tiny-glm"

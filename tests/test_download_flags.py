@@ -12,7 +12,7 @@ from cli_util import assert_clean_error
 from cli_util import command as cli
 from cli_util import invoke as run
 
-from glm_mlx import hub as hublib
+from glm_mlx.hub import download as hublib
 
 
 REPO = "org/tiny-glm"

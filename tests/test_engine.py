@@ -9,10 +9,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from glm_mlx import load, load_model
-from glm_mlx.engine import Engine, StepStats
-from glm_mlx.generate import generate, stream_generate
-from glm_mlx.prompt_cache import PromptCache, common_prefix
-from glm_mlx.sampling import Sampler, SamplingParams, accept_prefix, verify_drafts
+from glm_mlx.generation.engine import Engine, StepStats
+from glm_mlx.generation.text import generate, stream_generate
+from glm_mlx.generation.prompt_cache import PromptCache, common_prefix
+from glm_mlx.generation.sampling import Sampler, SamplingParams, accept_prefix, verify_drafts
 
 PROMPT = [int(t) for t in np.random.RandomState(0).randint(11, 80, size=20)]  # > index_topk (8)
 
@@ -232,7 +232,7 @@ def test_deferred_mtp_slots_catch_up_exactly(model):
     """A server's prefill leaves the MTP layer for after the first token (defer_mtp): the prompt's h
     stay pending, and catch_up_mtp then writes the same slots a feeding prefill writes; decoding from a
     deferred prefill (MTP drafting catches up by itself) is still plain greedy decoding."""
-    from glm_mlx.engine import catch_up_mtp
+    from glm_mlx.generation.engine import catch_up_mtp
 
     prompt = PROMPT * 2
     fed, deferred = Engine(model, mtp=True), Engine(model, mtp=True, defer_mtp=True, prefill_step=7)

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from glm_mlx.cli.app import app
-from glm_mlx.config import ModelArgs
+from glm_mlx.model.config import ModelArgs
 from glm_mlx.quantize import compare as cmp
 from glm_mlx.quantize.macs import get_mac
 from glm_mlx.quantize.planner import best_recipe_for, glm51_args, plan

@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from glm_mlx.generate import stream_generate
-from glm_mlx.loading import load
-from glm_mlx.reference_model import DEFAULT_MODEL
+from glm_mlx.generation.text import stream_generate
+from glm_mlx.model.loading import load
+from glm_mlx.model.reference import DEFAULT_MODEL
 
 TOOL_TOKENS = ["<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>",
                "<tool_response>", "</tool_response>", "<tools>", "</tools>"]

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from glm_mlx import grammar as engine_grammar
+from glm_mlx.generation import constrain as engine_grammar
 from glm_mlx.serve import grammar as G
 from glm_mlx.serve.parsers import OutputParser
 from glm_mlx.serve.prompt import BadRequest, Prompt
@@ -226,9 +226,9 @@ def _forced_prompt(tokenizer):
 
 
 def test_constrained_and_unconstrained_decode_in_one_batch(mini, tok):
-    from glm_mlx.batch import BatchEngine
-    from glm_mlx.engine import Engine
-    from glm_mlx.prompt_cache import PromptCache
+    from glm_mlx.batch.engine import BatchEngine
+    from glm_mlx.generation.engine import Engine
+    from glm_mlx.generation.prompt_cache import PromptCache
 
     forced = _forced_prompt(tok)
     free = tok.encode("Once upon a time", add_special_tokens=False)
@@ -268,7 +268,7 @@ def test_constrained_and_unconstrained_decode_in_one_batch(mini, tok):
 
 
 def test_single_sequence_engine_enforces_the_grammar(mini, tok):
-    from glm_mlx.engine import Engine
+    from glm_mlx.generation.engine import Engine
 
     forced = _forced_prompt(tok)
     ids = forced.ids + tok._tokenizer.encode("Wital", add_special_tokens=False)

@@ -19,13 +19,13 @@ import pytest
 from reference import make_reference
 
 from glm_mlx import load, load_model
-from glm_mlx.batch import BatchEngine
-from glm_mlx.cache import DSACache
-from glm_mlx.config import ModelArgs
-from glm_mlx.engine import Engine, StepStats
+from glm_mlx.batch.engine import BatchEngine
+from glm_mlx.model.cache import DSACache
+from glm_mlx.model.config import ModelArgs
+from glm_mlx.generation.engine import Engine, StepStats
 from glm_mlx.errors import ConfigError
-from glm_mlx.prefix_cache import PrefixCache
-from glm_mlx.prompt_cache import PromptCache, PromptCacheError
+from glm_mlx.prefix.cache import PrefixCache
+from glm_mlx.generation.prompt_cache import PromptCache, PromptCacheError
 from glm_mlx.quantize.macs import get_mac
 from glm_mlx.quantize.planner import glm51_args, plan
 from glm_mlx.quantize.recipe import Recipe
@@ -201,7 +201,7 @@ def test_close_to_the_unquantized_cache_past_index_topk(dense):
 
 
 def test_greedy_8bit_on_glm_mini():
-    from glm_mlx.reference_model import DEFAULT_MODEL
+    from glm_mlx.model.reference import DEFAULT_MODEL
 
     model, tok = load(DEFAULT_MODEL)
     assert model.args.kv_cache_group_size == 64 and model.args.index_topk == 64

@@ -12,7 +12,7 @@ from reference import add_mtp_layer, index_gaps, make_reference, reference_logit
 from safetensors.torch import load_file, save_file
 
 from glm_mlx import load_model
-from glm_mlx.sanitize import FP8_BLOCK
+from glm_mlx.model.sanitize import FP8_BLOCK
 
 ATOL = 1e-4
 TOPK = 8  # tiny index_topk

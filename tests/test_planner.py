@@ -11,7 +11,7 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models import glm_moe_dsa
 
-from glm_mlx.config import ModelArgs
+from glm_mlx.model.config import ModelArgs
 from glm_mlx.quantize.allocate import allocate, error_of
 from glm_mlx.quantize.inventory import MTP, inventory, param_count, params_by_group
 from glm_mlx.quantize.macs import GiB, MacError, custom_mac, default_wired_limit, get_mac, parse_size, sysctl_command
@@ -228,7 +228,7 @@ def test_planner_kv_equals_model_cache_nbytes(mtp_ckpt):
     import mlx.core as mx
 
     from glm_mlx import load_model
-    from glm_mlx.engine import Engine, StepStats
+    from glm_mlx.generation.engine import Engine, StepStats
     from glm_mlx.quantize.recipe import Recipe
 
     model = load_model(mtp_ckpt, dtype=mx.float32)

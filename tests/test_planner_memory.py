@@ -11,8 +11,8 @@ from convert_fixtures import make_source
 from mlx.utils import tree_flatten
 
 from glm_mlx import load_model
-from glm_mlx.config import ModelArgs
-from glm_mlx.engine import Engine
+from glm_mlx.model.config import ModelArgs
+from glm_mlx.generation.engine import Engine
 from glm_mlx.quantize.converter import convert
 from glm_mlx.quantize.inventory import model_dtype_bytes
 from glm_mlx.quantize.macs import get_mac

@@ -1,4 +1,4 @@
-"""Block prefix cache (glm_mlx.prefix_cache): RAM and disk hits are exact, restarts keep them."""
+"""Block prefix cache (glm_mlx.prefix.cache): RAM and disk hits are exact, restarts keep them."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from glm_mlx import load_model
-from glm_mlx.engine import Engine, StepStats
-from glm_mlx.prefix_cache import PrefixCache, default_cache_dir
+from glm_mlx.generation.engine import Engine, StepStats
+from glm_mlx.prefix.cache import PrefixCache, default_cache_dir
 
 B = 16
 RNG = np.random.RandomState(1)
@@ -161,7 +161,7 @@ def test_close_persists_ram_blocks(model, tmp_path):
 
 
 def _meta(p):
-    from glm_mlx.prefix_store import _read_header
+    from glm_mlx.prefix.store import _read_header
 
     try:
         return _read_header(p)[0]
@@ -349,7 +349,7 @@ def test_files_without_checksum_are_not_served(model, tmp_path):
     from safetensors import safe_open
     from safetensors.numpy import save_file
 
-    from glm_mlx.prefix_store import FORMAT
+    from glm_mlx.prefix.store import FORMAT
 
     assert FORMAT == "glm-mlx-prefix/2"
     ps = store(model, tmp_path, memory=0)
@@ -438,7 +438,7 @@ def test_full_disk_pauses_writes_with_one_warning(model, tmp_path, monkeypatch):
     import shutil
     import time
 
-    from glm_mlx import prefix_store
+    from glm_mlx.prefix import store as prefix_store
 
     real, state = prefix_store._write_file, {"full": False, "tries": 0}
 

@@ -10,7 +10,7 @@ import pytest
 from reference import add_mtp_layer, make_reference
 
 from glm_mlx import load_model
-from glm_mlx.config import ModelArgs
+from glm_mlx.model.config import ModelArgs
 from glm_mlx.quantize.allocate import allocate, groups, measured_factors
 from glm_mlx.quantize.formats import parse_format
 from glm_mlx.quantize.imatrix import Importance, calibrate, collect

@@ -10,9 +10,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from glm_mlx.generate import stream_generate
-from glm_mlx.loading import load
-from glm_mlx.reference_model import DEFAULT_MODEL, data_path
+from glm_mlx.generation.text import stream_generate
+from glm_mlx.model.loading import load
+from glm_mlx.model.reference import DEFAULT_MODEL, data_path
 
 # A few KB of the held-out split (public-domain Shakespeare and Chinese poems / sayings).
 SAMPLE = Path(__file__).parent / "data" / "glm_mini_heldout.txt"

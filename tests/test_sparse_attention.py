@@ -13,8 +13,8 @@ import pytest
 from reference import index_gaps, make_reference, reference_logits
 
 from glm_mlx import load_model
-from glm_mlx.attention import MLAttention
-from glm_mlx.config import ModelArgs
+from glm_mlx.model.attention import MLAttention
+from glm_mlx.model.config import ModelArgs
 
 TOPK = 8
 ATOL = 1e-4

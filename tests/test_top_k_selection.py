@@ -13,7 +13,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from glm_mlx.dsa_topk import select_top_k
+from glm_mlx.model.dsa_topk import select_top_k
 
 
 def _check(scores: np.ndarray, k: int):

@@ -19,7 +19,7 @@ import functools
 
 import mlx.core as mx
 
-from .cache import GROWTH_STEP, DSACache, QuantizedKV, quantize_latent
+from ..model.cache import GROWTH_STEP, DSACache, QuantizedKV, quantize_latent
 
 
 # The indexer scores a batch's rows over their own range's longest row (contiguous rows; a group keeps its

@@ -7,9 +7,9 @@ import itertools
 
 import mlx.core as mx
 
-from . import batch_cache
-from .batch_cache import BatchLayerCache, RaggedLayerCache, like_length_ranges
-from .cache import DSACache
+from . import cache as batch_cache
+from .cache import BatchLayerCache, RaggedLayerCache, like_length_ranges
+from ..model.cache import DSACache
 
 # Plain passes leave their MTP slots for one batched MTP pass, after at most this many passes.
 LAZY_MTP_PASSES = 32
@@ -146,7 +146,7 @@ class DecodeGroup:
         """Member b's cache as a PromptCache viewing its rows in the batch buffers (its own are lent), for
         the prefix cache to copy blocks out while it decodes. Drop it before the next pass: a view
         alive then makes the pass copy a buffer instead of writing it in place."""
-        from .prompt_cache import PromptCache
+        from ..generation.prompt_cache import PromptCache
 
         seq = self.seqs[b]
 

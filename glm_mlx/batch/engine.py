@@ -38,10 +38,10 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from .decode_group import DecodeGroup
-from .batch_mtp import ModeChooser, MTPBatching
-from .batch_prefill import JointPrefill
-from .engine import Engine, StepStats, catch_up_mtp
-from .prompt_cache import PromptCache
+from .mtp import ModeChooser, MTPBatching
+from .prefill import JointPrefill
+from ..generation.engine import Engine, StepStats, catch_up_mtp
+from ..generation.prompt_cache import PromptCache
 
 
 @dataclass

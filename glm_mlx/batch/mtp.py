@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
-from .sampling import verify_drafts
+from ..generation.sampling import verify_drafts
 
 if TYPE_CHECKING:
-    from .batch import Sequence
+    from .engine import Sequence
 
 
 class ModeChooser:

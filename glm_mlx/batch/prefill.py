@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
-from .batch_cache import BatchLayerCache
-from .engine import defer_mtp, feed_mtp
-from .prompt_cache import common_prefix
+from .cache import BatchLayerCache
+from ..generation.engine import defer_mtp, feed_mtp
+from ..generation.prompt_cache import common_prefix
 
 if TYPE_CHECKING:
-    from .batch import Sequence
+    from .engine import Sequence
 
 
 class JointPrefill:
@@ -21,7 +21,7 @@ class JointPrefill:
         """The not-yet-started prefills to run in one pass (arrival order), when more than one fits: the
         step's prefill budget bounds their new tokens together (a whole chunk when nobody decodes), and
         the unchunked batch indexer's scores ([B, L, T] float32) stay within its per-chunk budget."""
-        from .attention import INDEX_SCORE_BUDGET
+        from ..model.attention import INDEX_SCORE_BUDGET
 
         fresh = [s for s in prefilling if s.chunk is None]
         if not self.together_min or len(fresh) < self.together_min:

@@ -15,10 +15,10 @@ from dataclasses import asdict
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import DSACache
-from .config import ModelArgs
-from .pipeline_split import DistributedError, split_layers
-from .loading import load_model, read_config, resolve_path, weight_files
+from ..model.cache import DSACache
+from ..model.config import ModelArgs
+from .split import DistributedError, split_layers
+from ..model.loading import load_model, read_config, resolve_path, weight_files
 
 
 def rank_holds(key: str, start: int, end: int, first: bool, last: bool, n_layers: int, mtp: bool) -> bool:
@@ -83,7 +83,7 @@ class PipelineModel:
 
     def set_kv_cache_bits(self, bits: int | None):
         """As Model.set_kv_cache_bits (every rank sets it: each runs the same command line)."""
-        from .model import set_kv_cache_bits
+        from ..model.glm_moe_dsa import set_kv_cache_bits
 
         set_kv_cache_bits(self.args, bits)
 
@@ -221,9 +221,9 @@ def _param_dtype(model):
 
 def follow(model: PipelineModel):
     """Follower ranks: replay the leader's requests until it says exit."""
-    from .engine import Engine, StepStats
-    from .prompt_cache import PromptCache
-    from .sampling import SamplingParams
+    from ..generation.engine import Engine, StepStats
+    from ..generation.prompt_cache import PromptCache
+    from ..generation.sampling import SamplingParams
 
     caches: dict[int, PromptCache] = {}
     pending = None

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .config import ModelArgs
-from .errors import GlmMlxError
+from ..model.config import ModelArgs
+from ..errors import GlmMlxError
 
 
 class DistributedError(GlmMlxError):

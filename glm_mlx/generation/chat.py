@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .generate import GenerationResponse, ends_in_thinking, render_chat, stream_generate
+from .text import GenerationResponse, ends_in_thinking, render_chat, stream_generate
 from .prompt_cache import PromptCache
-from .serve.parsers import OutputParser
+from ..serve.parsers import OutputParser
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import mlx.core as mx
 
-from .model import Model
+from ..model.glm_moe_dsa import Model
 from .prompt_cache import PromptCache
 from .sampling import Sampler, SamplingParams, accept_prefix, verify_drafts
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import atomic
-from .cache import DSACache
-from .errors import GlmMlxError
+from .. import atomic
+from ..model.cache import DSACache
+from ..errors import GlmMlxError
 
 
 class PromptCacheError(GlmMlxError):

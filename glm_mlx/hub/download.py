@@ -36,11 +36,11 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
-from .disk import check_writable, fmt_bytes, free_bytes
+from ..disk import check_writable, fmt_bytes, free_bytes
 from .remote_paths import _COMMIT, UnsafeRepoError, _join, check_etag, check_repo_path  # noqa: F401 - re-exported
-from .errors import CheckpointError, GlmMlxError
-from .hub_transfer import HubError, _Entry, _fetch_weight, _head, _Layout, _Quiet, _size
-from .progress import TransferBars
+from ..errors import CheckpointError, GlmMlxError
+from .transfer import HubError, _Entry, _fetch_weight, _head, _Layout, _Quiet, _size
+from ..progress import TransferBars
 
 
 class DiskSpaceError(GlmMlxError):

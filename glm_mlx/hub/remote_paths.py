@@ -1,4 +1,4 @@
-"""Remote names that become paths on disk: checked before anything is written (glm_mlx.hub).
+"""Remote names that become paths on disk: checked before anything is written (glm_mlx.hub.download).
 
 A repo that lists `../x.safetensors`, an absolute path, or an etag of `../..` would otherwise place files
 outside the download folder or the cache.
@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import GlmMlxError
+from ..errors import GlmMlxError
 
 
 class UnsafeRepoError(GlmMlxError):

@@ -15,10 +15,10 @@ from huggingface_hub.file_download import http_get, repo_folder_name
 from huggingface_hub.utils import WeakFileLock, build_hf_headers
 from tqdm.auto import tqdm
 
-from . import atomic
-from .disk import fmt_bytes
-from .errors import GlmMlxError
-from .progress import TransferBars
+from .. import atomic
+from ..disk import fmt_bytes
+from ..errors import GlmMlxError
+from ..progress import TransferBars
 from .remote_paths import _join, check_etag
 
 RESUME_HINT = "Re-run the same command: finished files and partial downloads are kept and it resumes."

@@ -11,7 +11,7 @@ from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import HFValidationError, HfHubHTTPError
 from huggingface_hub.utils import validate_repo_id
 
-from .hub import HubError, hub_errors
+from .download import HubError, hub_errors
 
 
 def check_upload_repo(repo_id: str) -> None:

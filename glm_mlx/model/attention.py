@@ -31,7 +31,7 @@ import mlx.nn as nn
 from mlx_lm.models.mla import MultiLinear
 from mlx_lm.models.rope_utils import initialize_rope
 
-from .batch_cache import BatchLayerCache, RaggedLayerCache
+from ..batch.cache import BatchLayerCache, RaggedLayerCache
 from .cache import DSACache, QuantizedKV
 from .config import ModelArgs
 from .dsa_topk import select_top_k

@@ -15,8 +15,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ModelArgs, config_dtype
-from .errors import CheckpointError, ConfigError
-from .model import Model
+from ..errors import CheckpointError, ConfigError
+from .glm_moe_dsa import Model
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -26,7 +26,7 @@ def resolve_path(path_or_repo: str | Path) -> Path:
     p = Path(path_or_repo).expanduser()
     if p.is_dir():
         return p  # the common case: no huggingface_hub import
-    from .hub import resolve_model_path
+    from ..hub.download import resolve_model_path
 
     return resolve_model_path(path_or_repo)
 
@@ -122,7 +122,7 @@ def load_model(path, *, lazy: bool = False, dtype=None, mtp: bool = True, keep=N
     """Load the model (no tokenizer). `dtype` defaults to the checkpoint's; `mtp=False` skips the MTP layer.
 
     `keep` (a predicate on tensor names) and `prune` (a function removing the modules this process
-    does not hold) let a pipeline rank read only its own layers' shards (glm_mlx.distributed).
+    does not hold) let a pipeline rank read only its own layers' shards (glm_mlx.distributed.pipeline).
     """
     path = resolve_path(path)
     config = read_config(path)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DEFAULT_MODEL: Path = Path(__file__).resolve().parent / "data" / "glm-mini"
+DEFAULT_MODEL: Path = Path(__file__).resolve().parents[1] / "data" / "glm-mini"
 
 
 def data_path() -> Path:

@@ -15,7 +15,7 @@ import re
 import mlx.core as mx
 
 from .config import ModelArgs
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 FP8_BLOCK = 128
 

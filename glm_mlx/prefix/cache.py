@@ -19,7 +19,7 @@ position kB-1 and writes that slot. No hidden state is stored. k blocks are usab
 kB <= len(prompt).
 
 Tiers. The RAM tier keeps blocks as numpy arrays (see `Block`), bounded by `memory_bytes`; the
-least recently used spill to the SSD tier in `disk_dir` (glm_mlx.prefix_store: one safetensors file
+least recently used spill to the SSD tier in `disk_dir` (glm_mlx.prefix.store: one safetensors file
 per block, written atomically by a background thread), bounded by `disk_bytes` (least recently used
 files deleted). Recency ties (blocks touched by the same call) evict the deepest block first, so a
 chain loses its tail before its head and no cached block is orphaned behind a missing parent.
@@ -40,9 +40,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .prefix_store import FORMAT, Block, DiskEntry, DiskStore, stamp
-from .prefix_store import default_cache_dir as default_cache_dir  # public here: the serve CLI's --cache-dir default
-from .prompt_cache import PromptCache
+from .store import FORMAT, Block, DiskEntry, DiskStore, stamp
+from .store import default_cache_dir as default_cache_dir  # public here: the serve CLI's --cache-dir default
+from ..generation.prompt_cache import PromptCache
 
 
 class PrefixCache:

@@ -1,4 +1,4 @@
-"""SSD tier of the block prefix cache (glm_mlx.prefix_cache): one safetensors file per block, in a
+"""SSD tier of the block prefix cache (glm_mlx.prefix.cache): one safetensors file per block, in a
 directory that survives restarts.
 
 A file `<key hex>.safetensors` holds one block's arrays (bfloat16 ones as their uint16 bits, named
@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from . import atomic
-from .disk import fmt_bytes
+from .. import atomic
+from ..disk import fmt_bytes
 
 FORMAT = "glm-mlx-prefix/2"  # /2: the data checksum (CHECKSUM_KEY) in every file
 SUFFIX = ".safetensors"

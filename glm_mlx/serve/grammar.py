@@ -292,7 +292,7 @@ def check(grammar: str | None, tokenizer, param: str) -> str | None:
     `param` with llguidance's message if it does not. Returns the grammar."""
     if grammar is None:
         return None
-    from ..grammar import grammar_error
+    from ..generation.constrain import grammar_error
 
     err = grammar_error(grammar, tokenizer)
     if err is not None:

@@ -186,7 +186,7 @@ def chat_call(body, cfg: ServerConfig, tokenizer) -> Call:
 
 
 def text_call(body, cfg: ServerConfig, tokenizer) -> Call:
-    from ..generate import encode_prompt
+    from ..generation.text import encode_prompt
 
     f = Fields(body, TEXT, "/v1/completions")
     _unsupported(f, text=True)

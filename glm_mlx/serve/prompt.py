@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ..generate import ends_in_thinking, render_chat
+from ..generation.text import ends_in_thinking, render_chat
 from .tokens import encode_prompt
 
 

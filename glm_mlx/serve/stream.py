@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..sampling import SamplingParams
+from ..generation.sampling import SamplingParams
 from .fields import Fields
 from .parsers import OutputParser
 from .prompt import BadRequest, Prompt

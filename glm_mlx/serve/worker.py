@@ -6,7 +6,7 @@ sampling settings, plain Python) and read plain-Python events back from the job'
 `Delta` per token, then one `Finished` or `Failed`. A handler cancels with `job.cancel()`; the
 worker checks between prefill chunks and between decode steps.
 
-Requests are batched continuously (glm_mlx.batch): a job that arrives while others decode joins the
+Requests are batched continuously (glm_mlx.batch.engine): a job that arrives while others decode joins the
 running batch at the next step, a long prompt prefills one chunk per step between decode steps,
 and a finished job leaves at once.
 """
@@ -20,7 +20,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
-from ..sampling import SamplingParams
+from ..generation.sampling import SamplingParams
 
 
 @dataclass
@@ -97,7 +97,7 @@ class CachePool:
     def match(self, ids: list[int]):
         """-> (the idle cache to continue, tokens of `ids` it holds), or (None, 0). Nothing is taken yet:
         the caller may still prefer the prefix cache, and then no conversation was evicted for it."""
-        from ..prompt_cache import common_prefix
+        from ..generation.prompt_cache import common_prefix
 
         n, best = max(((common_prefix(pc.tokens, ids), pc) for pc in self.caches), key=lambda x: x[0], default=(0, None))
         room = len(self.caches) + len(self.busy) < self.size or not self.share_heads
@@ -120,7 +120,7 @@ class CachePool:
 
     def fresh(self):
         """A new empty cache, in use (the least recently used idle ones make room)."""
-        from ..prompt_cache import PromptCache
+        from ..generation.prompt_cache import PromptCache
 
         return self.adopt(PromptCache.fresh(self.model, mtp=self.mtp))
 
@@ -172,7 +172,7 @@ class Worker(threading.Thread):
     def __init__(self, loader, *, mtp: bool = True, num_draft: int = 1, prefill_step: int = 2048,
                  cache_slots: int = 4, max_queue: int = 64, max_batch: int = 8, prefix_cache=None,
                  prefill_budget: int | None = 512):
-        """prefix_cache: None, or `make(model) -> glm_mlx.prefix_cache.PrefixCache`, called in this thread.
+        """prefix_cache: None, or `make(model) -> glm_mlx.prefix.cache.PrefixCache`, called in this thread.
         The loader may still set `max_batch` (from what fits beside the model it loaded)."""
         super().__init__(name="glm-mlx-worker", daemon=True)
         self.make_prefix, self.prefix = prefix_cache, None
@@ -212,7 +212,7 @@ class Worker(threading.Thread):
 
     # --- worker side ----------------------------------------------------------------------
     def run(self):
-        from ..batch import BatchEngine
+        from ..batch.engine import BatchEngine
 
         try:
             self.model, self.tokenizer = self.loader()
@@ -290,8 +290,8 @@ class Worker(threading.Thread):
                           "running": rows, "at": time.time()}
 
     def _admit(self, job: Job):
-        from ..engine import Engine
-        from ..generate import TextStream
+        from ..generation.engine import Engine
+        from ..generation.text import TextStream
 
         req = job.request
         if job.cancelled.is_set():
@@ -307,7 +307,7 @@ class Worker(threading.Thread):
                         num_draft=self.num_draft, prefill_step=self.prefill_step, logprobs=req.logprobs,
                         defer_mtp=True)
         if req.grammar is not None or req.reasoning_budget is not None:
-            from ..grammar import processors
+            from ..generation.constrain import processors
 
             try:  # handlers validated the grammar; compiled ones are cached by their text
                 engine.sampler.processors.extend(processors(self.tokenizer, self.model, len(req.prompt),
@@ -332,7 +332,7 @@ class Worker(threading.Thread):
 
     def _save_prefix(self, pc):
         if self.prefix is not None:
-            from ..engine import catch_up_mtp
+            from ..generation.engine import catch_up_mtp
 
             catch_up_mtp(self.model, pc)  # blocks need their MTP slots (a prefill defers them)
             try:

@@ -9,8 +9,8 @@ import sys
 
 import mlx.core as mx
 
-from glm_mlx.distributed import follow, pipeline_load
-from glm_mlx.engine import Engine, StepStats
+from glm_mlx.distributed.pipeline import follow, pipeline_load
+from glm_mlx.generation.engine import Engine, StepStats
 
 path, out, n_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
 die_at = int(os.environ.get("GLM_TEST_DIE_AT", "-1"))

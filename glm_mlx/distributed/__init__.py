@@ -1,0 +1,1 @@
+"""Many Macs: pipeline parallelism over mx.distributed, the layer split, the launch entry."""

@@ -1,0 +1,1 @@
+"""The model hub: listing and downloading repos, transfers, uploads, remote-name checks."""
