@@ -57,7 +57,7 @@ def launch(
         cmd += ["--hostfile", str(hostfile)]
     elif hosts:
         cmd += ["--hosts", hosts]
-    entry = Path(__import__("glm_mlx").__file__).parent / "launch_entry.py"
+    entry = Path(__file__).resolve().parent / "launch_entry.py"
     cmd += ["-n", str(ranks), "--", str(entry), *command]  # "--": the command's own options are not mlx.launch's
     Console(stderr=True).print(" ".join(shlex.quote(c) for c in cmd), soft_wrap=True, highlight=False)
     if not dry_run:

@@ -20,7 +20,7 @@ import hashlib
 import json
 import math
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -30,9 +30,9 @@ from glm_mlx.disk import check_writable, fmt_bytes, free_bytes
 from glm_mlx.model.config import ModelArgs, config_dtype
 from glm_mlx.model.loading import INDEX_FILE
 
-from .formats import Format
 from .imatrix import Importance
 from .inventory import Tensor, inventory
+from .conversion_plan import Item, Plan, Shard
 from .output_dir import (MANIFEST, MANIFEST_FORMAT, TOKENIZER_FILES, WORK, ConvertError, check_paths,
                          fingerprint, prepare_output, write_plan)
 from .planner import price
@@ -50,49 +50,6 @@ _IGNORED = ("_scale_inv", ".input_scale", "rotary_emb.inv_freq")
 
 class DiskSpaceError(ConvertError):
     hint = "Free disk space or write to another disk; finished shards of an interrupted run are kept."
-
-
-@dataclass
-class Item:
-    """One output tensor: its format (None = stored unquantized), the arrays it becomes, its sources."""
-
-    t: Tensor
-    fmt: Format | None
-    arrays: list[tuple[str, str, tuple[int, ...], int]]  # (name, safetensors dtype, shape, bytes)
-    sources: list[str]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a[3] for a in self.arrays)
-
-
-@dataclass
-class Shard:
-    name: str
-    items: list[Item]
-    header: bytes = b""
-    offsets: dict[str, tuple[int, int]] = field(default_factory=dict)
-
-    @property
-    def size(self) -> int:
-        return len(self.header) + sum(i.nbytes for i in self.items)
-
-
-@dataclass
-class Plan:
-    args: ModelArgs
-    recipe: Recipe
-    mtp: bool
-    dtype: object
-    shards: list[Shard]
-
-    @property
-    def tensor_bytes(self) -> int:
-        return sum(i.nbytes for s in self.shards for i in s.items)
-
-    @property
-    def file_bytes(self) -> int:
-        return sum(s.size for s in self.shards)
 
 
 def source_names(args: ModelArgs, t: Tensor) -> list[str]:

@@ -34,7 +34,7 @@ from glm_mlx.model.loading import INDEX_FILE
 from .source import header_digest
 
 if TYPE_CHECKING:
-    from .converter import Plan, Shard
+    from .conversion_plan import Plan, Shard
     from .source import Source
 
 WORK = ".glm-mlx-convert"  # plan, imatrix, and (--stream) source shards of a conversion in progress

@@ -17,7 +17,8 @@ from glm_mlx.hub import download as hub
 from glm_mlx.disk import fmt_bytes
 from glm_mlx.model.loading import INDEX_FILE
 
-from .converter import TOKENIZER_FILES, ConvertError, Shard, shard_sources
+from .conversion_plan import Shard
+from .converter import TOKENIZER_FILES, ConvertError, shard_sources
 from .source import open_source
 
 SOURCE_DIR = ".glm-mlx-source"  # inside the output folder; removed when the conversion finishes

@@ -1,6 +1,6 @@
 """Training-only forward pass of glm_mlx.model.glm_moe_dsa.Model, and the HF export.
 
-The inference code (glm_mlx/attention.py) never materialises attention probabilities and picks
+The inference code (glm_mlx/model/attention.py) never materialises attention probabilities and picks
 the DSA top-k without gradients. Training needs both: the indexer is trained the DeepSeek-V3.2
 way, by KL divergence from the main attention distribution (summed over heads, renormalised) to
 the softmax of its index scores, with its inputs detached so only the indexer learns from it.

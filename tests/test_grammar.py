@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from glm_mlx.generation import constrain as engine_grammar
 from glm_mlx.serve import grammar as G
-from glm_mlx.serve.parsers import OutputParser
+from glm_mlx.generation.output_parser import OutputParser
 from glm_mlx.serve.prompt import BadRequest, Prompt
 
 jsonschema = pytest.importorskip("jsonschema")

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from glm_mlx.serve.parsers import Event, OutputParser, ToolCall, parse_output, render_tool_call
+from glm_mlx.generation.output_parser import Event, OutputParser, ToolCall, parse_output, render_tool_call
 
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "description": "w", "parameters": {

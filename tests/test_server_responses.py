@@ -18,7 +18,7 @@ from openai.types.responses import Response, ResponseStreamEvent  # noqa: E402
 from pydantic import TypeAdapter  # noqa: E402
 
 from glm_mlx.serve import responses_api  # noqa: E402
-from glm_mlx.serve.parsers import Event, ToolCall  # noqa: E402
+from glm_mlx.generation.output_parser import Event, ToolCall  # noqa: E402
 from glm_mlx.serve.responses_output import PING, Responder  # noqa: E402
 from glm_mlx.serve.worker import Delta, Failed, Finished  # noqa: E402
 

@@ -58,6 +58,8 @@ def _pad(a: mx.array, T: int) -> mx.array:
 
 
 class BatchLayerCache:
+    layout = "batch"  # how attention reads it (model/attention.py)
+
     def __init__(self, has_indexer: bool, index_bits: int | None, kv: list[mx.array], index: list[mx.array],
                  lengths: list[int], latent_dim: int, kv_bits: int | None = None, kv_group_size: int = 64):
         self.has_indexer, self.index_bits = has_indexer, index_bits
@@ -234,6 +236,8 @@ class RaggedLayerCache:
     lengths: each range a BatchLayerCache of its own, with its own capacity. Memory is the sum of the
     ranges' padded sizes, not every row padded to the longest, and a range grows (reallocates) alone.
     Attention runs per range (MLAttention); everything else in a pass runs once for all rows."""
+
+    layout = "ragged"
 
     def __init__(self, parts: list[BatchLayerCache]):
         self.parts = parts

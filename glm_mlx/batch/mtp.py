@@ -22,7 +22,7 @@ import mlx.core as mx
 from ..generation.sampling import verify_drafts
 
 if TYPE_CHECKING:
-    from .engine import Sequence
+    from .sequence import Sequence
 
 
 class ModeChooser:

@@ -13,7 +13,7 @@ from ..generation.engine import defer_mtp, feed_mtp
 from ..generation.prompt_cache import common_prefix
 
 if TYPE_CHECKING:
-    from .engine import Sequence
+    from .sequence import Sequence
 
 
 class JointPrefill:

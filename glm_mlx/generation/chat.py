@@ -11,7 +11,7 @@ from typing import Iterator
 
 from .text import GenerationResponse, ends_in_thinking, render_chat, stream_generate
 from .prompt_cache import PromptCache
-from ..serve.parsers import OutputParser
+from .output_parser import OutputParser
 
 
 @dataclass

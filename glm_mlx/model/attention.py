@@ -31,7 +31,6 @@ import mlx.nn as nn
 from mlx_lm.models.mla import MultiLinear
 from mlx_lm.models.rope_utils import initialize_rope
 
-from ..batch.cache import BatchLayerCache, RaggedLayerCache
 from .cache import DSACache, QuantizedKV
 from .config import ModelArgs
 from .dsa_topk import select_top_k
@@ -219,7 +218,7 @@ class MLAttention(nn.Module):
     def __call__(self, x: mx.array, cache=None, prev_topk=None):
         """x [B, L, hidden] -> (output [B, L, hidden], top-k indices for a following shared layer).
 
-        `cache` is one DSACache for the batch, or a BatchLayerCache: independent sequences decoding one
+        `cache` is one DSACache for the batch, or a batch cache (batch/cache.py): independent sequences decoding one
         token each (continuous batching), each at its own offset with its own rows and DSA selection."""
         a = self.args
         B, L, _ = x.shape
@@ -229,9 +228,12 @@ class MLAttention(nn.Module):
         kv = self.kv_a_proj_with_mqa(x)
         latent, k_pe = mx.split(kv, [a.kv_lora_rank], axis=-1)
         latent = self.kv_a_layernorm(latent)[:, None]  # [B, 1, L, C]
-        if isinstance(cache, BatchLayerCache):
+        # A cache says what it holds (`layout`): one sequence (model/cache.py), or rows of sequences decoding
+        # together (batch/cache.py), in one padded buffer ("batch") or per range of like lengths ("ragged").
+        layout = getattr(cache, "layout", "sequence")
+        if layout == "batch":
             out, topk = self._attend_batch(x, qr, q_nope, q_pe, latent, k_pe, cache, prev_topk)
-        elif isinstance(cache, RaggedLayerCache):  # per range of rows, each in its own buffers
+        elif layout == "ragged":  # per range of rows, each in its own buffers
             outs, topk = [], []
             for j, ((s, e), part) in enumerate(zip(cache.ranges, cache.parts)):
                 o, t = self._attend_batch(x[s:e], qr[s:e], q_nope[s:e], q_pe[s:e], latent[s:e], k_pe[s:e], part,
@@ -269,7 +271,8 @@ class MLAttention(nn.Module):
                 out = self._attend_expanded(q_nope, q_pe, kv, mask)
         return out, topk
 
-    def _attend_batch(self, x, qr, q_nope, q_pe, latent, k_pe, cache: BatchLayerCache, prev_topk):
+    def _attend_batch(self, x, qr, q_nope, q_pe, latent, k_pe, cache, prev_topk):
+        # cache: a batch/cache.py BatchLayerCache (not imported: model/ knows nothing of batching's types)
         """L new tokens per sequence (one per decode step; two when MTP verifies a draft), each sequence at
         its own offset in a shared padded buffer: the same paths as one sequence (dense while every row
         is within index_topk, else sparse), with each row's padding masked out and each query's own DSA

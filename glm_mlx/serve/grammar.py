@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 
-from .parsers import _schema_types
+from ..generation.output_parser import _schema_types
 from .prompt import BadRequest, tool_functions
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from ..generation.sampling import SamplingParams
 from .fields import Fields
-from .parsers import OutputParser
+from ..generation.output_parser import OutputParser
 from .prompt import BadRequest, Prompt
 from .worker import Delta, Failed, Finished, GenRequest
 
