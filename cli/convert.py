@@ -173,7 +173,7 @@ def convert(
     Example: glm-mlx convert ./GLM-5.1 ./GLM-5.1-4bit -q --upload-repo me/GLM-5.1-4bit
     """
     from glm_mlx.model.config import ModelArgs, config_dtype
-    from glm_mlx.model.loading import resolve_path
+    from glm_mlx.model.checkpoint import Checkpoint
     from glm_mlx.quantize import converter
     from glm_mlx.quantize.output_dir import refuse_foreign
     from glm_mlx.quantize.formats import unquantized
@@ -214,7 +214,7 @@ def convert(
         fetcher = HubFetcher(src, dst, revision)
         source = fetcher.source
     else:
-        source = open_source(resolve_path(src))
+        source = open_source(Checkpoint.open(src))
         converter.check_paths(source.folder, dst)  # before calibration caches anything in dst
         if calibration is not None:
             refuse_foreign(dst)  # calibration writes its cache into dst: someone else's folder is refused first

@@ -108,6 +108,12 @@ RANGES: dict[str, Range] = {
     "--shard-size": Range(0, lo_open=True, size=True),
     "--cache-memory": Range(0, lo_open=True, size=True),
     "--cache-disk": Range(0, size=True),  # 0 turns the SSD tier off
+    "--keepalive": Range(0, lo_open=True),  # serve: seconds
+    "--max-connections": Range(1),
+    "--header-timeout": Range(0, lo_open=True),
+    "--body-timeout": Range(0, lo_open=True),
+    "--idle-timeout": Range(0, lo_open=True),
+    "--shutdown-timeout": Range(0),
 }
 
 
@@ -272,20 +278,21 @@ def load_for_generation(model: str | None, context: int = 8192, mtp: bool = True
     from rich.console import Console
 
     from glm_mlx import load
-    from glm_mlx.model.config import ModelArgs
-    from glm_mlx.model.loading import read_config, resolve_path
     from glm_mlx.memory import check_memory, set_wired_limit
+    from glm_mlx.model.checkpoint import Checkpoint
+    from glm_mlx.model.config import ModelArgs
 
     check_kv_bits(kv_bits)
-    path = resolve_path(resolve_model(model))
+    ckpt = Checkpoint.open(resolve_model(model))  # resolved, its config read and its files listed: once
+    path = ckpt.path
     group = distributed_group()
     if group is not None:
         from mlx_lm.tokenizer_utils import load as load_tokenizer
 
         from glm_mlx.distributed.pipeline import follow, pipeline_load
 
-        ranges, stage = _planned_split(path, group, mtp)
-        pm, path = pipeline_load(path, group, ranges=ranges, mtp=mtp)
+        ranges, stage = _planned_split(ckpt, group, mtp)
+        pm, path = pipeline_load(ckpt, group, ranges=ranges, mtp=mtp)
         # Each rank says what it holds beside what the plan priced, so the two can be checked.
         Console(stderr=True, highlight=False).print(
             f"pipeline rank {group.rank()}/{group.size()} on {stage.mac.label}: layers {stage.layers[0]}-{stage.layers[1]}, "
@@ -297,11 +304,11 @@ def load_for_generation(model: str | None, context: int = 8192, mtp: bool = True
             raise typer.Exit(0)
         atexit.register(pm.close)
         return pm, load_tokenizer(path, eos_token_ids=pm.args.eos_token_ids or None), path
-    config = {**read_config(path), **({"kv_cache_bits": kv_bits} if kv_bits else {})}
-    check = check_memory(path, ModelArgs.from_dict(config), context, mtp=mtp)
+    args = ModelArgs.from_dict({**ckpt.config, "kv_cache_bits": kv_bits}) if kv_bits else ckpt.args
+    check = check_memory(path, args, context, mtp=mtp)
     if not check.fits:
         Console(stderr=True).print(f"[yellow]Warning:[/] {check.message}", soft_wrap=True)
-    m, tok = load(path, mtp=mtp)
+    m, tok = load(ckpt, mtp=mtp)
     if kv_bits:
         m.set_kv_cache_bits(kv_bits)
     if mtp and not m.has_mtp:
@@ -310,10 +317,10 @@ def load_for_generation(model: str | None, context: int = 8192, mtp: bool = True
     return m, tok, path
 
 
-def _planned_split(path, group, mtp: bool):
+def _planned_split(ckpt, group, mtp: bool):
     """([start, end) per rank, this rank's planned stage): the planner's split for this pipeline's Macs,
     i.e. what `glm-mlx fit --model M --pipeline A,B` prints."""
     from glm_mlx.quantize.pipeline_plan import context_from_env, launch_plan, layer_ranges, rank_macs
 
-    plan = launch_plan(path, rank_macs(group), context_from_env(), mtp)
+    plan = launch_plan(ckpt, rank_macs(group), context_from_env(), mtp)
     return layer_ranges(plan), plan.stages[group.rank()]

@@ -51,7 +51,7 @@ CacheMemory = Annotated[Optional[str], typer.Option(
 CacheDisk = Annotated[str, typer.Option("--cache-disk", help="SSD tier size; least recently used blocks go first; 0 turns the SSD tier off.")]
 CacheBlock = Annotated[int, typer.Option("--cache-block", help="Tokens per prefix-cache block.")]
 NoPrefixCache = Annotated[bool, typer.Option("--no-prefix-cache", help="Keep only the live conversations' caches.")]
-Keepalive = Annotated[float, typer.Option("--keepalive", min=0.01, help="Seconds without output before a stream sends a "
+Keepalive = Annotated[float, typer.Option("--keepalive", help="Seconds without output before a stream sends a "
                                           "keep-alive (a long prefill), so clients' idle timeouts do not fire.")]
 LogLevel = Annotated[str, typer.Option("--log-level", help="warning, info or debug (debug: each ignored request "
                                        "field, once).")]

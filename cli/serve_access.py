@@ -28,14 +28,14 @@ AllowedOrigins = Annotated[Optional[List[str]], typer.Option(
     "--allowed-origins", help="A web origin (e.g. http://localhost:3000) whose pages may call the API (CORS); "
     "repeatable or comma-separated. Default: none, so a page you visit cannot use your model.",
     show_default=False)]
-MaxConnections = Annotated[int, typer.Option("--max-connections", min=1, help="Open connections at most; more are "
+MaxConnections = Annotated[int, typer.Option("--max-connections", help="Open connections at most; more are "
                                              "answered 503 at once.")]
-HeaderTimeout = Annotated[float, typer.Option("--header-timeout", min=0.1, help="Seconds a request's headers may "
+HeaderTimeout = Annotated[float, typer.Option("--header-timeout", help="Seconds a request's headers may "
                                               "take to arrive.")]
-BodyTimeout = Annotated[float, typer.Option("--body-timeout", min=0.1, help="Seconds a request's body may take.")]
-IdleTimeout = Annotated[float, typer.Option("--idle-timeout", min=0.1, help="Seconds an idle keep-alive connection "
+BodyTimeout = Annotated[float, typer.Option("--body-timeout", help="Seconds a request's body may take.")]
+IdleTimeout = Annotated[float, typer.Option("--idle-timeout", help="Seconds an idle keep-alive connection "
                                             "stays open.")]
-ShutdownTimeout = Annotated[float, typer.Option("--shutdown-timeout", min=0, help="Seconds running requests may "
+ShutdownTimeout = Annotated[float, typer.Option("--shutdown-timeout", help="Seconds running requests may "
                                                 "finish after SIGTERM / Ctrl-C; the rest end with an error.")]
 LogFormat = Annotated[str, typer.Option("--log-format", help="The access log: text or json (one object per line).")]
 

@@ -28,7 +28,7 @@ import mlx.core as mx
 from glm_mlx import atomic
 from glm_mlx.disk import check_writable, fmt_bytes, free_bytes
 from glm_mlx.model.config import ModelArgs, config_dtype
-from glm_mlx.model.loading import INDEX_FILE
+from glm_mlx.model.checkpoint import INDEX_FILE
 
 from .imatrix import Importance
 from .inventory import Tensor, inventory

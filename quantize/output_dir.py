@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from glm_mlx import atomic
 from glm_mlx.errors import CheckpointError, GlmMlxError
-from glm_mlx.model.loading import INDEX_FILE
+from glm_mlx.model.checkpoint import INDEX_FILE
 
 from .source import header_digest
 

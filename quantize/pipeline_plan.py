@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from glm_mlx.model.config import ModelArgs, config_dtype
-from glm_mlx.model.loading import read_config
+from glm_mlx.model.checkpoint import Checkpoint
 
 from .formats import unquantized
 from .macs import Mac, custom_mac, get_mac
@@ -36,10 +36,10 @@ def parse_macs(text: str) -> list[Mac]:
     return [get_mac(m) for m in text.split(",") if m.strip()]
 
 
-def launch_plan(path: str | Path, macs: list[Mac], context: int | None = None, mtp: bool = True) -> PipelinePlan:
-    """The planner's pipeline over `macs` for the checkpoint at `path` (its own weights' sizes)."""
-    config = read_config(Path(path))
-    return plan_pipeline(ModelArgs.from_dict(config), checkpoint_recipe(config), macs, context, mtp)
+def launch_plan(path, macs: list[Mac], context: int | None = None, mtp: bool = True) -> PipelinePlan:
+    """The planner's pipeline over `macs` for a checkpoint (folder or Checkpoint; its own weights' sizes)."""
+    ckpt = Checkpoint.open(path)
+    return plan_pipeline(ckpt.args, checkpoint_recipe(ckpt.config), macs, context, mtp)
 
 
 def layer_ranges(plan: PipelinePlan) -> list[tuple[int, int]]:

@@ -19,7 +19,7 @@ import numpy as np
 
 from glm_mlx import atomic
 from glm_mlx.errors import CheckpointError
-from glm_mlx.model.loading import INDEX_FILE, read_config
+from glm_mlx.model.checkpoint import INDEX_FILE, Checkpoint
 from glm_mlx.model.sanitize import FP8_BLOCK, dequantize_fp8
 
 # safetensors dtype -> (numpy dtype holding the raw bytes, bytes per element)
@@ -88,9 +88,9 @@ class Source:
 
     mlx_layout = False  # True: tensors have the converter's output names and shapes (MlxSource)
 
-    def __init__(self, folder: Path, weight_map: dict[str, str] | None = None):
+    def __init__(self, folder: Path, weight_map: dict[str, str] | None = None, config: dict | None = None):
         self.folder = Path(folder)
-        self.config = read_config(self.folder)
+        self.config = config if config is not None else Checkpoint.open(self.folder).config
         if weight_map is None:
             weight_map = source_weight_map(self.folder)
         self.weight_map = weight_map  # the tensors this source offers
@@ -164,8 +164,8 @@ class MlxSource(Source):
 
     mlx_layout = True
 
-    def __init__(self, folder: Path, weight_map: dict[str, str] | None = None):
-        super().__init__(folder, weight_map)
+    def __init__(self, folder: Path, weight_map: dict[str, str] | None = None, config: dict | None = None):
+        super().__init__(folder, weight_map, config)
         self.quantization = self.config.get("quantization") or {}
         self.quantized = {k.rsplit(".", 1)[0] for k in self.file_map
                           if k.endswith(".scales") and k.rsplit(".", 1)[0] + ".weight" in self.file_map}
@@ -227,10 +227,11 @@ def quantization_kind(config: dict) -> str | None:
     return str(qc.get("quant_method") or "unknown") if isinstance(qc, dict) else None
 
 
-def open_source(folder: Path, weight_map: dict[str, str] | None = None) -> Source:
-    """A checkpoint folder as a Source: an MLX-quantized one dequantizes as it reads (MlxSource)."""
-    cls = MlxSource if quantization_kind(read_config(Path(folder))) == "mlx" else Source
-    return cls(Path(folder), weight_map)
+def open_source(folder, weight_map: dict[str, str] | None = None) -> Source:
+    """A checkpoint (folder or Checkpoint) as a Source: an MLX-quantized one dequantizes as it reads (MlxSource)."""
+    ckpt = Checkpoint.open(folder)
+    cls = MlxSource if quantization_kind(ckpt.config) == "mlx" else Source
+    return cls(ckpt.path, weight_map, ckpt.config)
 
 
 def source_weight_map(folder: Path) -> dict[str, str]:

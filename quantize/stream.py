@@ -15,7 +15,7 @@ from pathlib import Path
 
 from glm_mlx.hub import download as hub
 from glm_mlx.disk import fmt_bytes
-from glm_mlx.model.loading import INDEX_FILE
+from glm_mlx.model.checkpoint import INDEX_FILE
 
 from .conversion_plan import Shard
 from .converter import TOKENIZER_FILES, ConvertError, shard_sources

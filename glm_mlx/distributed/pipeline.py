@@ -16,9 +16,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..model.cache import DSACache
-from ..model.config import ModelArgs
 from .split import DistributedError, split_layers
-from ..model.loading import load_model, read_config, resolve_path, weight_files
+from ..model.checkpoint import Checkpoint
+from ..model.loading import load_model
 
 
 def rank_holds(key: str, start: int, end: int, first: bool, last: bool, n_layers: int, mtp: bool) -> bool:
@@ -177,17 +177,17 @@ class PipelineModel:
 
 
 def pipeline_load(path, group=None, ranges=None, dtype=None, mtp: bool = True):
-    """Load this rank's part of a checkpoint; returns (PipelineModel, path)."""
+    """Load this rank's part of a checkpoint (a folder, repo id or Checkpoint); returns (PipelineModel, path)."""
     group = group or mx.distributed.init()
-    path = resolve_path(path)
-    args = ModelArgs.from_dict(read_config(path))
+    ckpt = Checkpoint.open(path)
+    args = ckpt.args
     ranges = ranges or split_layers(args, group.size())
     rank, n = group.rank(), group.size()
     start, end = ranges[rank]
     first, last = rank == 0, rank == n - 1
-    files, names = weight_files(path, keep=lambda k: False)  # the index's names; no shard needs to be here
+    names = ckpt.tensor_names()  # the index's names; no shard needs to be here
     if names is None:  # single-file checkpoint: its header lists the names (mx.load is lazy)
-        names = {k for f in files for k in mx.load(str(f))}
+        names = {k for f in ckpt.shards() for k in mx.load(str(f))}
     mtp_prefix = f"model.layers.{args.num_hidden_layers}."
     has_mtp = mtp and names is not None and any(k.startswith(mtp_prefix) for k in names)
 
@@ -205,9 +205,9 @@ def pipeline_load(path, group=None, ranges=None, dtype=None, mtp: bool = True):
             model.model.norm = _Placeholder()
             model.lm_head = _Placeholder()
 
-    model = load_model(path, dtype=dtype, mtp=has_mtp, keep=keep, prune=prune)
+    model = load_model(ckpt, dtype=dtype, mtp=has_mtp, keep=keep, prune=prune)
     model.args_dtype = dtype or _param_dtype(model)
-    return PipelineModel(model, group, ranges), path
+    return PipelineModel(model, group, ranges), ckpt.path
 
 
 def _param_dtype(model):

@@ -7,59 +7,16 @@ evaluated, so a checkpoint larger than RAM is never read whole at once.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ModelArgs, config_dtype
-from ..errors import CheckpointError, ConfigError
+from pathlib import Path
+
+from ..errors import CheckpointError
+from .checkpoint import Checkpoint
+from .config import config_dtype
 from .glm_moe_dsa import Model
-
-INDEX_FILE = "model.safetensors.index.json"
-
-
-def resolve_path(path_or_repo: str | Path) -> Path:
-    """A local folder, or a repo id already in the Hugging Face cache (hub.resolve_model_path)."""
-    p = Path(path_or_repo).expanduser()
-    if p.is_dir():
-        return p  # the common case: no huggingface_hub import
-    from ..hub.download import resolve_model_path
-
-    return resolve_model_path(path_or_repo)
-
-
-def read_config(path: Path) -> dict:
-    cfg = path / "config.json"
-    if not cfg.exists():
-        raise CheckpointError(f"{path} has no config.json", "Is this a complete checkpoint folder?")
-    try:
-        return json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{cfg} is not valid JSON ({e})") from None
-
-
-def weight_files(path: Path, keep=None) -> tuple[list[Path], set[str] | None]:
-    """The safetensors shards (only those holding kept keys when `keep` is given) and, when
-    there is an index, every tensor name it lists. Missing shards are named (partial downloads)."""
-    index = path / INDEX_FILE
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index} is unreadable ({e})") from None
-        files = sorted({f for k, f in weight_map.items() if keep is None or keep(k)})
-        missing = [f for f in files if not (path / f).exists()]
-        if missing:
-            raise CheckpointError(f"missing shard {missing[0]} ({len(missing)} of {len(files)} shards missing) in {path}",
-                                  "The download is incomplete: re-run glm-mlx download to finish it.")
-        return [path / f for f in files], set(weight_map)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"no *.safetensors weights in {path}", "Download the weights, or pass the right folder.")
-    return files, None
 
 
 def read_weights(files: list[Path]) -> dict:
@@ -119,17 +76,16 @@ def _target_dtype(config: dict, dtype):
 
 
 def load_model(path, *, lazy: bool = False, dtype=None, mtp: bool = True, keep=None, prune=None) -> Model:
-    """Load the model (no tokenizer). `dtype` defaults to the checkpoint's; `mtp=False` skips the MTP layer.
+    """Load the model (no tokenizer) from a folder, a repo id or a Checkpoint. `dtype` defaults to the
+    checkpoint's; `mtp=False` skips the MTP layer.
 
     `keep` (a predicate on tensor names) and `prune` (a function removing the modules this process
     does not hold) let a pipeline rank read only its own layers' shards (glm_mlx.distributed.pipeline).
     """
-    path = resolve_path(path)
-    config = read_config(path)
-    args = ModelArgs.from_dict(config)
-    files, names = weight_files(path, keep)
-    weights = read_weights(files)  # lazy: only headers are read here
-    names = names if names is not None else set(weights)
+    ckpt = Checkpoint.open(path)
+    config, args = ckpt.config, ckpt.args
+    weights = read_weights(ckpt.shards(keep))  # lazy: only headers are read here
+    names = ckpt.tensor_names() or set(weights)
     mtp_prefix = f"model.layers.{args.num_hidden_layers}."
     has_mtp = mtp and any(k.startswith(mtp_prefix) for k in names)
     model = Model(args, mtp=has_mtp)  # parameters are lazy: unused layers are never materialised
@@ -157,8 +113,8 @@ def load(path, *, lazy: bool = False, dtype=None, mtp: bool = True):
     """(model, tokenizer): mlx-lm's TokenizerWrapper with the config's eos ids."""
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-    path = resolve_path(path)
-    model = load_model(path, lazy=lazy, dtype=dtype, mtp=mtp)
-    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        raise CheckpointError(f"{path} has no tokenizer files", "Use load_model() for weights-only folders.")
-    return model, load_tokenizer(path, eos_token_ids=model.args.eos_token_ids or None)
+    ckpt = Checkpoint.open(path)
+    model = load_model(ckpt, lazy=lazy, dtype=dtype, mtp=mtp)
+    if not ckpt.has_tokenizer:
+        raise CheckpointError(f"{ckpt.path} has no tokenizer files", "Use load_model() for weights-only folders.")
+    return model, load_tokenizer(ckpt.path, eos_token_ids=model.args.eos_token_ids or None)
