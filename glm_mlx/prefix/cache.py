@@ -41,7 +41,7 @@ import mlx.core as mx
 import numpy as np
 
 from .store import FORMAT, Block, DiskEntry, DiskStore, stamp
-from .store import default_cache_dir as default_cache_dir  # public here: the serve CLI's --cache-dir default
+from .block_file import default_cache_dir as default_cache_dir  # noqa: F401 - public here: the serve CLI's --cache-dir default
 from ..generation.prompt_cache import PromptCache
 
 

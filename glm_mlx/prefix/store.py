@@ -31,164 +31,24 @@ import os
 import queue
 import re
 import shutil
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import xxhash
 
 from .. import atomic
 from ..disk import fmt_bytes
+from .block_file import (CHECKSUM_KEY, FORMAT, SUFFIX, Block, DiskEntry, _Corrupt, _Damaged, _Foreign,  # noqa: F401
+                         _LIB_TMP, _OPEN, _OPEN_LOCK, _OUR_TMP, _pid_alive, _read_header, _write_file, checksum,
+                         default_cache_dir, stamp)
 
-FORMAT = "glm-mlx-prefix/2"  # /2: the data checksum (CHECKSUM_KEY) in every file
-SUFFIX = ".safetensors"
-CHECKSUM_KEY = "data_xxh3_128"
-_MAX_HEADER = 64 << 20  # bytes: a larger safetensors header is not one of ours
 _STALE_TMP_S = 3600.0  # a temp file this old is a leftover whoever wrote it (a write takes seconds)
 # `.<key>.<pid>.tmp`: ours; `.tmpXXXXXX`: safetensors' own save_file temp (glm-mlx-prefix/1 wrote through it)
-_OUR_TMP = re.compile(r"\.[0-9a-f]{64}\.(\d+)\.tmp")
-_LIB_TMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
 _FULL_RETRY_S = 30.0  # after ENOSPC, writes are skipped this long, then the next one tries again
 _FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _KEEP_FREE = 10 * 10**9  # the disk limit leaves min(5% of the disk, this) free
-
-
-def checksum(arrays: dict[str, np.ndarray]) -> str:
-    """xxh3_128 (hex) of a block's arrays: each one's name, dtype and shape, then its bytes, in name order."""
-    h = xxhash.xxh3_128()
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        h.update(f"{name}\0{a.dtype.str}\0{list(a.shape)}\0".encode())
-        h.update(a.reshape(-1).view(np.uint8))
-    return h.hexdigest()
-
-
-def _write_file(path: Path, data: bytes):
-    """Write and fsync a new file (a full disk raises OSError ENOSPC here, from write or fsync)."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether a process `pid` runs (True where it cannot be told: Windows, another user's process)."""
-    if pid <= 0:
-        return False
-    if os.name == "nt":  # os.kill(pid, 0) would terminate it there
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: it exists, someone else's
-        return True
-    return True
-
-
-# Directories this process has a DiskStore open on (resolved path -> count): a temp file named with our
-# own pid is a live write only while another store of ours writes there.
-_OPEN: dict[str, int] = {}
-_OPEN_LOCK = threading.Lock()
-
-
-def default_cache_dir() -> Path:
-    """The per-user cache folder for prefix blocks (what platformdirs' user_cache_dir gives):
-    `$XDG_CACHE_HOME/glm-mlx/prefix` when XDG_CACHE_HOME is set (absolute), else
-    `~/Library/Caches/glm-mlx/prefix` on macOS, `%LOCALAPPDATA%\\glm-mlx\\prefix` on Windows,
-    `~/.cache/glm-mlx/prefix` elsewhere."""
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    if xdg and os.path.isabs(xdg):
-        base = Path(xdg)
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Caches"
-    elif os.name == "nt":
-        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
-    else:
-        base = Path.home() / ".cache"
-    return base / "glm-mlx" / "prefix"
-
-
-@dataclass(eq=False)
-class Block:
-    """A block in memory. Arrays are numpy (bfloat16 ones as their uint16 bits, named in `raw`):
-    numpy arrays belong to no thread, so the writer takes them as they are (no second conversion
-    when spilling, and write-through shares them); each block owns its bytes (no view pinning a
-    whole cache buffer), so the RAM bound is exact; and they do not count against MLX's device
-    memory limit, which the model and the live caches need. The price: one host copy (numpy ->
-    MLX) on restore, small next to a prefill."""
-
-    key: bytes
-    parent: bytes
-    depth: int
-    tokens: np.ndarray  # int32 [B]
-    arrays: dict[str, np.ndarray]
-    raw: dict[str, str]  # array name -> MLX dtype stored as raw bits ("bfloat16" as uint16)
-    tick: float
-    resident: bool = True  # in the RAM tier (else kept only until the writer is done with it)
-    queued: bool = False  # the writer holds it
-    nbytes: int = field(init=False)
-
-    def __post_init__(self):
-        self.nbytes = sum(a.nbytes for a in self.arrays.values())
-
-
-@dataclass(eq=False)
-class DiskEntry:
-    key: bytes
-    path: Path
-    size: int
-    depth: int
-    tick: float
-
-
-def stamp(x: Block | DiskEntry) -> tuple:
-    # least recently used first; among blocks touched together, the deepest first
-    return (x.tick, -x.depth)
-
-
-class _Corrupt(Exception):
-    pass
-
-
-class _Foreign(Exception):
-    pass
-
-
-class _Damaged(_Corrupt):
-    """The arrays do not match the header's checksum."""
-
-
-def _read_header(path: Path) -> tuple[dict, dict, int]:
-    """(metadata, tensor entries, expected file size) from a safetensors header (no data read)."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise _Corrupt("shorter than a safetensors header")
-        n = int.from_bytes(raw, "little")
-        if n <= 0 or n > _MAX_HEADER:
-            raise _Corrupt(f"header length {n}")
-        body = f.read(n)
-    if len(body) < n:
-        raise _Corrupt("truncated header")
-    try:
-        hdr = json.loads(body)
-    except ValueError:
-        raise _Corrupt("header is not JSON") from None
-    if not isinstance(hdr, dict):
-        raise _Corrupt("header is not a JSON object")
-    meta = hdr.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict) or not all(isinstance(t, dict) for t in hdr.values()):
-        raise _Corrupt("bad header layout")
-    try:
-        end = max((int(t["data_offsets"][1]) for t in hdr.values()), default=0)
-    except (TypeError, KeyError, IndexError, ValueError):
-        raise _Corrupt("bad tensor entry") from None
-    return meta, hdr, 8 + n + end
 
 
 class DiskStore:
