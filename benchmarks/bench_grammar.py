@@ -10,7 +10,6 @@ docs/structured_output.md quotes.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
@@ -21,20 +20,12 @@ from glm_mlx.generation import constrain as engine_grammar
 from glm_mlx.generation.engine import Engine
 from glm_mlx.model.reference import DEFAULT_MODEL
 from glm_mlx.serve import grammar as G
+from machine import describe  # benchmarks/machine.py: the BLAS/backend line
 
 SCHEMA = {"type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"]}
 TOOLS = [{"type": "function", "function": {"name": "write", "parameters": {
     "type": "object", "properties": {"path": {"type": "string"}, "body": {"type": "string"}},
     "required": ["path", "body"]}}}]
-
-
-def backend() -> str:
-    try:
-        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
-    except Exception:  # noqa: BLE001
-        blas = "unknown"
-    return (f"MLX {mx.__version__} on {mx.default_device()} ({platform.system()} {platform.machine()}), "
-            f"numpy BLAS: {blas}")
 
 
 def decode(model, tokenizer, ids, n, grammar=None):
@@ -70,6 +61,7 @@ def mask_only(tokenizer, grammar, vocab, prefix: list[int], reps: int = 200) -> 
 
 
 def main():
+    print(describe(), flush=True)
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     from glm_mlx import load_model
@@ -80,7 +72,6 @@ def main():
     a = ap.parse_args()
     model = load_model(a.model)
     tok = load_tokenizer(Path(a.model), eos_token_ids=model.args.eos_token_ids or None)
-    print(backend())
     ids = tok.encode("Write a long story about a king.", add_special_tokens=False)
     decode(model, tok, ids, 8)  # warm-up
     plain, n0 = decode(model, tok, ids, a.tokens)

@@ -38,6 +38,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
+from machine import describe  # noqa: E402  (benchmarks/machine.py: the BLAS/backend line)
 
 BITS = (None, 8, 4)
 
@@ -256,6 +257,7 @@ def main():
     import reference_ops as ops
 
     ops.ensure_fast_blas()
+    print(describe(), flush=True)  # after the re-exec, so the BLAS is the one measured with
     import reference_data as rd
     from eval_reference import token_stream
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
+from machine import describe  # noqa: E402  (benchmarks/machine.py: the BLAS/backend line)
 
 REAL = json.loads((Path(__file__).resolve().parents[1] / "glm_mlx" / "data" / "glm-5.1-config.json").read_text())
 REAL_CTX, REAL_STEP = 32768, 2048  # projection: 32K context, prefilled in 2048-token chunks
@@ -339,6 +340,7 @@ def blas_gflops() -> float:
 
 
 def main():
+    print(describe(), flush=True)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="index_topk 64 (contexts 64/256/1024), 4 decode steps")
     p.add_argument("--topk", type=int, help="index_topk of the bench checkpoint (default 128, quick 64)")

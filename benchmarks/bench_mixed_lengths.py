@@ -29,6 +29,7 @@ from glm_mlx.batch import cache as batch_cache
 from glm_mlx.model.attention import Indexer  # noqa: E402
 from glm_mlx.batch.cache import BatchLayerCache  # noqa: E402
 from glm_mlx.model.config import ModelArgs  # noqa: E402
+from machine import describe  # noqa: E402  (benchmarks/machine.py: the BLAS/backend line)
 
 
 def main():
@@ -41,8 +42,9 @@ def main():
     import reference_ops
 
     reference_ops.ensure_fast_blas()  # Linux: re-executes with OpenBLAS preloaded
+    print(describe(), flush=True)  # after the re-exec, so the BLAS is the one measured with
 
-    args = ModelArgs.from_dict(json.loads((ROOT.parent / "shared" / "reference" / "glm-5.1-config.json").read_text()))
+    args = ModelArgs.from_dict(json.loads((ROOT / "glm_mlx" / "data" / "glm-5.1-config.json").read_text()))
     index = Indexer(args)
     mx.eval(index.parameters())
     h, D = args.index_n_heads, args.index_head_dim

@@ -18,6 +18,7 @@ import mlx.core as mx
 from glm_mlx import load
 from glm_mlx.generation.engine import Engine, StepStats
 from glm_mlx.generation.text import encode_prompt
+from machine import describe  # noqa: E402  (benchmarks/machine.py: the BLAS/backend line)
 
 
 def default_model() -> str:
@@ -105,6 +106,7 @@ def cost_breakdown(model, ids, num_draft: int, tokens_per_pass: float, reps: int
 
 
 def main():
+    print(describe(), flush=True)
     ap = argparse.ArgumentParser()
     ap.add_argument("model", nargs="?")
     ap.add_argument("--prompts", type=Path)

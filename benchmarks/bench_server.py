@@ -38,6 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from machine import describe  # noqa: E402  (benchmarks/machine.py: the BLAS/backend line)
 
 WORDS = (ROOT / "tests" / "data" / "glm_mini_heldout.txt").read_text().split()
 
@@ -292,6 +293,7 @@ MTP_ACCEPTANCE = 0.89
 
 
 def main():
+    print(describe(), flush=True)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=ROOT / "glm_mlx" / "data" / "glm-mini")
     p.add_argument("--sessions", type=int, default=4)

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import describe  # benchmarks/machine.py: the BLAS/backend line
 
 # GLM-5.1's structure (MLA + DSA indexer, dense then MoE layers, shared expert, MTP layer) at small widths.
 BASE = dict(model_type="glm_moe_dsa", architectures=["GlmMoeDsaForCausalLM"], dtype="bfloat16", vocab_size=32768,
@@ -152,6 +153,8 @@ def measure(sizes: list[float], work: Path, keep: bool = False, base: dict = BAS
 
 
 if __name__ == "__main__":
+    if "--child" not in sys.argv:  # a child prints one JSON line for its parent
+        print(describe(), flush=True)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=float, nargs="+", default=[2, 8], help="Checkpoint sizes in GB.")
     ap.add_argument("--work", type=Path, default=Path("/tmp/glm-mlx-rss"))

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from glm_mlx.quantize.formats import parse_format  # noqa: E402
 from glm_mlx.quantize.quantizer import dequantize, output_error, quantize  # noqa: E402
+from machine import describe  # noqa: E402  (benchmarks/machine.py: the BLAS/backend line)
 
 MINILM_ROWS = [("affine4g64", "rtn"), ("affine4g64", "iq"), ("mxfp4", "rtn"), ("mxfp4", "iq"), ("nvfp4", "rtn"),
                ("nvfp4", "iq"), ("affine4g128", "iq"), ("affine3g32", "iq"), ("affine3g64", "rtn"), ("affine3g64", "iq")]
@@ -137,6 +138,7 @@ def _iq(recipe):
 
 
 if __name__ == "__main__":
+    print(describe(), flush=True)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("which", choices=["minilm", "glm"])
     ap.add_argument("path", nargs="?", type=Path)
