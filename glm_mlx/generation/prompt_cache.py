@@ -80,6 +80,10 @@ class PromptCache:
         self.settle()
         p = common_prefix(self.tokens, prompt)
         r = min(p, len(prompt) - 1)
+        # A cache that cannot go back to r (a recurrent state: GLM-5.3-Flash's KDA layers, see
+        # model/glm5_next_cache.py) makes the prefix unusable: start again from nothing.
+        if any(not c.can_trim_to(r) for c in self.cache if hasattr(c, "can_trim_to")):
+            r = 0
         if self.mtp_cache is not None:
             q = self.mtp_cache.offset  # slots 0..q-1 written; h of positions q..len(tokens)-1 pending
             if r < q and r == p:

@@ -83,6 +83,10 @@ def load_model(path, *, lazy: bool = False, dtype=None, mtp: bool = True, keep=N
     does not hold) let a pipeline rank read only its own layers' shards (glm_mlx.distributed.pipeline).
     """
     ckpt = Checkpoint.open(path)
+    if ckpt.model_type in ("glm5_next", "glm5_next_text") and keep is None:  # GLM-5.3-Flash: its own network
+        from .glm5_next_loading import load_glm5_next
+
+        return load_glm5_next(ckpt, lazy=lazy, dtype=dtype, mtp=mtp)
     config, args = ckpt.config, ckpt.args
     weights = read_weights(ckpt.shards(keep))  # lazy: only headers are read here
     names = ckpt.tensor_names() or set(weights)

@@ -1,0 +1,150 @@
+"""Per-layer caches for GLM-5.3-Flash: a fixed-size KDA state per sequence, DSA KV on DSA layers only.
+
+KDACache (KDA layers): the conv state (the last K-1 conv inputs, [B, K-1, 3*H*Dk], model dtype) and
+the recurrent state ([B, H, Dv, Dk] float32). Its size does not grow with the context.
+
+Rollback (MTP verification): a recurrent state cannot be "trimmed". A multi-token update of at most
+kda.KEEP_STATES_MAX tokens (the verification pass: y + drafts) runs the recurrence token by token and
+keeps the state after each token plus the one before, and the update's conv input; `trim(n)` then
+restores the state n tokens back, exactly, with no replay. Cost: (L+1) recurrent states per KDA
+layer alive until the next update (GLM-5.3-Flash: 4 MiB each, 34 layers: ~136 MiB per kept token),
+no extra compute. Beyond the last update the state is gone: `trim_floor` says how far back a trim
+can go, and trimming the whole cache (to offset 0) is always possible (a reset). Prompt caches that
+diverge further back re-prefill from the start (PromptCache.reuse reads trim_floor).
+
+PooledDSACache (DSA layers): GLM-5.1's DSACache (the latent KV, no rope key since
+qk_rope_head_dim is 0) whose indexer buffer holds each token's [indexer key | pool gate score]
+(2 * index_head_dim), plus the pooled keys of the complete index_kpool groups, pooled once when a
+group completes (decode does not re-pool the whole context each token).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from mlx_lm.models.cache import _BaseCache
+
+from .cache import DSACache, _GrowingBuffer
+
+
+class KDACache(_BaseCache):
+    def __init__(self, kernel: int):
+        self.keep = kernel - 1  # conv inputs carried between calls
+        self.offset = 0
+        self.conv: mx.array | None = None  # [B, K-1, C]
+        self.recurrent: mx.array | None = None  # [B, H, Dv, Dk] float32
+        # After a multi-token update that kept per-token states: (conv input [B, K-1+L, C],
+        # [state before, after token 1, ..., after token L]) and how many of its tokens are kept.
+        self._history: tuple[mx.array, list] | None = None
+        self._kept = 0
+
+    def commit(self, conv_input: mx.array, states: list):
+        """After a KDA layer ran L tokens: conv_input [B, K-1+L, C], states = the recurrent state after
+        each token (L of them: rollback possible) or after the last one only."""
+        L = conv_input.shape[1] - self.keep
+        before = self.recurrent
+        self.conv = conv_input[:, L:]  # the last K-1 inputs
+        self.recurrent = states[-1]
+        if len(states) == L > 1:
+            self._history, self._kept = (conv_input, [before] + states), L
+        else:
+            self._history, self._kept = None, 0
+        self.offset += L
+
+    @property
+    def trim_floor(self) -> int:
+        """The smallest offset a trim can reach without a reset (0 is always reachable)."""
+        return self.offset - (self._kept if self._history is not None else 0)
+
+    def can_trim_to(self, offset: int) -> bool:
+        return offset == 0 or self.trim_floor <= offset <= self.offset
+
+    def trim(self, n: int) -> int:
+        n = min(n, self.offset)
+        if n == 0:
+            return 0
+        if n == self.offset:  # back to empty: always possible
+            self.__init__(self.keep + 1)
+            return n
+        if not self.can_trim_to(self.offset - n):
+            raise ValueError(f"a KDA state cannot go back {n} tokens (at most {self.offset - self.trim_floor}: "
+                             "the last multi-token update's)")
+        conv_input, states = self._history
+        self._kept -= n
+        self.offset -= n
+        self.conv = conv_input[:, self._kept : self._kept + self.keep]  # [B, K-1, C] ending at the new last token
+        self.recurrent = states[self._kept]  # states[0]: before the update
+        return n
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def size(self) -> int:
+        return self.offset
+
+    def empty(self) -> bool:
+        return self.offset == 0
+
+    @property
+    def state(self):
+        return [] if self.recurrent is None else [self.conv, self.recurrent]
+
+    @state.setter
+    def state(self, arrays):
+        self.conv, self.recurrent = arrays
+        self._history, self._kept = None, 0
+
+    @property
+    def meta_state(self):
+        return f"{self.offset},{self.keep}"
+
+    @meta_state.setter
+    def meta_state(self, v):
+        offset, keep = str(v).split(",")
+        self.offset, self.keep = int(offset), int(keep)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.state)
+
+
+class PooledDSACache(DSACache):
+    def __init__(self, has_indexer: bool, kpool: int):
+        super().__init__(has_indexer)
+        self.kpool = kpool
+        self._pools = _GrowingBuffer()  # [B, 1, P, D] pooled keys of the complete groups
+        self.n_pooled = 0
+
+    def update_pooled(self, raw: mx.array, pool) -> mx.array:
+        """Append the new tokens' [B, 1, L, 2D] (key | gate) rows (after update_kv wrote their latents);
+        pool the groups they complete with `pool` ([B, n*kpool, 2D] -> [B, n, D]); return every
+        complete group's pooled key [B, P, D], P = offset // kpool."""
+        rows = self.update_index(raw)  # [B, 1, T, 2D]
+        P = self.offset // self.kpool
+        if P > self.n_pooled:
+            new = pool(rows[:, 0, self.n_pooled * self.kpool : P * self.kpool])  # [B, P - n_pooled, D]
+            self._pools.write(self.n_pooled, new[:, None])
+            self.n_pooled = P
+        return self._pools.valid(P)[:, 0] if P else None
+
+    def trim(self, n: int) -> int:
+        n = super().trim(n)
+        self.n_pooled = min(self.n_pooled, self.offset // self.kpool)  # a pool past the cut is re-pooled
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + self._pools.bytes_for(self.n_pooled)
+
+    @property
+    def state(self):
+        s = super().state
+        return s + [self._pools.valid(self.n_pooled)] if s and self.n_pooled else s
+
+    @state.setter
+    def state(self, arrays):
+        n = 3 if self.has_indexer else 2
+        DSACache.state.fset(self, arrays[:n])
+        if len(arrays) > n:
+            self._pools.data, self.n_pooled = arrays[n], arrays[n].shape[2]
+        else:
+            self.n_pooled = 0
