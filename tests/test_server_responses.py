@@ -354,3 +354,28 @@ def test_text_format_becomes_chat_response_format():
         "type": "json_schema", "json_schema": {"name": "thing", "schema": schema, "strict": True}}
     assert responses_api.response_format({"format": {"type": "json_object"}}) == {"type": "json_object"}
     assert responses_api.response_format({"format": {"type": "text"}}) is None
+
+
+def test_namespaced_tools_are_shown_and_called_with_their_namespace(oa):
+    """Codex sends every MCP tool inside a `namespace` tool: the model sees NAMESPACE__NAME, and a call
+    comes back as the function's own name with its `namespace` (and goes back in the same way)."""
+    space = {"type": "namespace", "name": "mcp__weather", "description": "Tools in the mcp__weather namespace.",
+             "tools": [WEATHER_FLAT]}
+    r = create(oa, input=ASK_WEATHER[0]["content"], tools=[space], max_output_tokens=64, temperature=0,
+               reasoning=OFF, tool_choice="required")
+    flat = {**WEATHER["function"], "name": "mcp__weather__get_weather"}
+    chat_tokens = chat_prompt_tokens(oa, ASK_WEATHER, tools=[{"type": "function", "function": flat}],
+                                     reasoning_effort="none", tool_choice="required")
+    assert r.usage.input_tokens == chat_tokens  # shown to the model as mcp__weather__get_weather
+    calls = [it for it in r.output if it.type == "function_call"]
+    assert calls, r.output  # forced: a declared tool, whatever the model would write
+    c = calls[0]
+    assert c.name == "get_weather" and c.namespace == "mcp__weather"
+    items = [{"role": "user", "content": ASK_WEATHER[0]["content"]}, *as_input(r.output),
+             {"type": "function_call_output", "call_id": c.call_id, "output": WEATHER_RESULT}]
+    final = create(oa, input=items, tools=[space], max_output_tokens=4, temperature=0, reasoning=OFF)
+    chat = ASK_WEATHER + [{"role": "assistant", "content": text_of(r) or None, "tool_calls": [
+        {"id": c.call_id, "type": "function", "function": {"name": flat["name"], "arguments": c.arguments}}]},
+        {"role": "tool", "tool_call_id": c.call_id, "content": WEATHER_RESULT}]
+    assert final.usage.input_tokens == chat_prompt_tokens(oa, chat, tools=[{"type": "function", "function": flat}],
+                                                         reasoning_effort="none")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .fields import Fields
 from .grammar import constrain, for_request
@@ -166,7 +166,10 @@ def messages(items: list, instructions: str | None) -> list[dict]:
             conv.flush()
             conv.open, conv.reasoning = None, _reasoning_text(it, where)
         elif kind == "function_call":
-            conv.tool_call(_call(it.get("call_id"), it.get("name"), it.get("arguments"), where))
+            name = it.get("name")
+            if isinstance(name, str) and isinstance(it.get("namespace"), str):
+                name = qualified(name, it["namespace"])  # as the model was shown it
+            conv.tool_call(_call(it.get("call_id"), name, it.get("arguments"), where))
         elif kind == "custom_tool_call":  # a freeform tool's input, as a function's single argument
             conv.tool_call(_call(it.get("call_id"), it.get("name"), {"input": str(it.get("input", ""))}, where))
         elif kind == "local_shell_call":
@@ -195,26 +198,49 @@ class Call:
     items: list[dict]  # the conversation's input items (previous response's included), for the store
     store: bool
     encrypted: bool  # include reasoning.encrypted_content
+    namespaces: dict = field(default_factory=dict)  # shown name -> (namespace, name) of namespaced functions
 
 
-def _tools(f: Fields) -> tuple[list, list | None]:
-    """(the tools as sent, for the echo; the function tools in chat's form, to render). Built-in and
-    other tool types (web_search, file_search, local_shell, custom, namespace, ...) are accepted and not
-    rendered: the model is never offered them."""
+NAMESPACE_SEP = "__"  # a namespaced function is shown to the model as NAMESPACE__NAME (Codex's MCP spelling)
+
+
+def qualified(name: str, namespace: str | None) -> str:
+    return f"{namespace}{NAMESPACE_SEP}{name}" if namespace else name
+
+
+def _function(fn: dict, where: str, namespace: str | None = None) -> dict:
+    if not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise BadRequest(f"{where}: a function tool needs a name", "tools")
+    # the keys a chat client would send for the same tool: the rendered prompt (and its cache) match
+    out = {k: fn[k] for k in ("name", "description", "parameters", "strict") if fn.get(k) is not None}
+    out["name"] = qualified(fn["name"], namespace)
+    return {"type": "function", "function": out}
+
+
+def _tools(f: Fields) -> tuple[list, list | None, dict]:
+    """(the tools as sent, for the echo; the function tools in chat's form, to render; {shown name:
+    (namespace, name)} for namespaced ones). A `namespace` tool's functions (how Codex sends MCP tools)
+    are shown as NAMESPACE__NAME and a call to one comes back with its `namespace`. Built-in and other
+    tool types (web_search, file_search, local_shell, custom, ...) are accepted and not rendered: the
+    model is never offered what nothing here runs."""
     raw = f.typed("tools", (list,), "an array of tools") or []
-    functions = []
+    functions, spaces = [], {}
     for i, t in enumerate(raw):
         if not isinstance(t, dict):
             raise BadRequest(f"tools[{i}] must be an object", "tools")
-        if t.get("type", "function") != "function":
+        kind = t.get("type", "function")
+        if kind == "namespace" and isinstance(t.get("name"), str) and isinstance(t.get("tools"), list):
+            for j, fn in enumerate(t["tools"]):
+                if isinstance(fn, dict) and fn.get("type", "function") == "function":
+                    tool = _function(fn, f"tools[{i}].tools[{j}]", t["name"])
+                    functions.append(tool)
+                    spaces[tool["function"]["name"]] = (t["name"], fn["name"])
+            continue
+        if kind != "function":
             continue
         fn = t["function"] if isinstance(t.get("function"), dict) else t  # chat's nested form, leniently
-        if not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise BadRequest(f"tools[{i}]: a function tool needs a name", "tools")
-        # the keys a chat client would send for the same tool: the rendered prompt (and its cache) match
-        functions.append({"type": "function", "function": {k: fn[k] for k in ("name", "description", "parameters",
-                                                                              "strict") if fn.get(k) is not None}})
-    return raw, functions or None
+        functions.append(_function(fn, f"tools[{i}]"))
+    return raw, functions or None, spaces
 
 
 def _tool_choice(f: Fields):
@@ -307,7 +333,7 @@ def responses_call(body, cfg: ServerConfig, tokenizer, store: ResponseStore) -> 
     _refused(f)
     history, new = _input(f, store)
     instructions = f.string("instructions")
-    raw_tools, functions = _tools(f)
+    raw_tools, functions, namespaces = _tools(f)
     choice = _tool_choice(f)
     forced, parse_tools, shown = forced_call(choice, functions)
     reasoning = f.typed("reasoning", (dict,), "an object", {})
@@ -337,4 +363,4 @@ def responses_call(body, cfg: ServerConfig, tokenizer, store: ResponseStore) -> 
             "user": f.string("user"), "service_tier": "default", "truncation": "disabled", "background": False,
             "prompt_cache_key": f.string("prompt_cache_key")}
     return Call(prompt, gen, f.boolean("stream", False), functions if parse_tools else None, parallel, echo,
-                history + new, store_it, "reasoning.encrypted_content" in include)
+                history + new, store_it, "reasoning.encrypted_content" in include, namespaces)

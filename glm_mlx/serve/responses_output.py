@@ -111,11 +111,13 @@ class Responder:
     def _function_call(self, call):
         item = {"id": "fc_" + call.id.removeprefix("call_"), "type": "function_call", "status": "in_progress",
                 "call_id": call.id, "name": call.name, "arguments": ""}
+        if call.name in self.call.namespaces:  # a namespaced function: its own name and its namespace
+            item["namespace"], item["name"] = self.call.namespaces[call.name]
         yield from self._add(item)
         args = call.arguments_json
         yield self._event("response.function_call_arguments.delta", **self._where(item), delta=args)
         yield self._event("response.function_call_arguments.done", **self._where(item), arguments=args,
-                          name=call.name)
+                          name=item["name"])
         item["arguments"], item["status"] = args, "completed"
         yield self._event("response.output_item.done", output_index=self.output.index(item), item=item)
 
