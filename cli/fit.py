@@ -20,8 +20,9 @@ from glm_mlx.quantize.allocate import allocate
 from glm_mlx.quantize.formats import make_format
 from glm_mlx.quantize import compare as cmp
 from glm_mlx.quantize.macs import GiB, Mac, MacError, custom_mac, get_mac, mac_names, parse_size, products
+from glm_mlx.quantize.models import args_from_file, embedded_args, embedded_name, parse_models, smaller_that_fits
 from glm_mlx.quantize.pipeline_plan import parse_macs
-from glm_mlx.quantize.planner import Plan, best_recipe_for, glm51_args, pipeline_size, plan, plan_pipeline
+from glm_mlx.quantize.planner import Plan, PlanError, best_recipe_for, glm51_args, pipeline_size, plan, plan_pipeline
 from glm_mlx.quantize.recipe import Recipe, default_recipe, recipe_from_quantization
 from glm_mlx.quantize.serving import serving_plan
 from glm_mlx.quantize.this_mac import ThisMac, detect
@@ -54,19 +55,22 @@ def with_kv_bits(args: ModelArgs, label: str, kv_bits: int | None) -> tuple[Mode
 
 
 def load_model_args(model: str | None) -> tuple[ModelArgs, str]:
-    """The config of a local folder, a config.json, or a Hugging Face repo (config.json only)."""
+    """The config of an embedded GLM by name (glm-5.1, glm-5.3-flash), a local folder, a config.json, or a
+    Hugging Face repo (config.json only); glm_moe_dsa and glm5_next configs alike."""
     if model is None:
         return glm51_args(), "GLM-5.1"
     path = Path(model).expanduser()
     if path.exists():
-        return ModelArgs.from_file(path), path.name if path.is_dir() else str(path)
+        return args_from_file(path), path.name if path.is_dir() else str(path)
+    if embedded_name(model):
+        return embedded_args(model)
     if not _REPO_RE.match(model):
         raise ConfigError(f"no model folder or config file at {model}",
                           "Pass a checkpoint folder, a config.json, or a Hugging Face repo id like zai-org/GLM-5.1.")
     try:
         from huggingface_hub import hf_hub_download
 
-        return ModelArgs.from_file(hf_hub_download(model, "config.json")), model
+        return args_from_file(hf_hub_download(model, "config.json")), model
     except GlmMlxError:
         raise
     except Exception as e:  # noqa: BLE001 - hub/network errors of every kind become one message
@@ -94,7 +98,7 @@ def _choose_recipe(args, mac, context, mtp, recipe_file, bits, mode, group_size,
 
 
 def fit(
-    model: Optional[str] = typer.Argument(None, help="Hugging Face repo id, local folder or config.json [default: embedded GLM-5.1].", show_default=False),
+    model: Optional[str] = typer.Argument(None, help="glm-5.1 or glm-5.3-flash (embedded configs), a Hugging Face repo id, local folder or config.json; with --compare also 'all' or a comma list [default: glm-5.1].", show_default=False),
     model_opt: ModelOpt = None,
     mac: Optional[str] = typer.Option(None, "--mac", help="Mac, e.g. m3-ultra-512, m3-max-96-30c, 'Mac Studio M3 Ultra 512GB'; 'list' shows all [default: this Mac on macOS, else m3-ultra-512]."),
     memory: Optional[str] = typer.Option(None, "--memory", help="Custom Mac: unified memory as Apple labels it, e.g. 192GB."),
@@ -132,6 +136,11 @@ def fit(
         if given:
             raise GlmMlxError(f"--compare solves the best recipe for each Mac; {', '.join(given)} do not apply to it",
                               "Drop them, or compare Macs by name: --compare m3-ultra-512,m4-max-128.")
+        if model and ("," in model or model.strip().lower() == "all"):
+            if contexts:
+                raise GlmMlxError("--contexts adds columns for one model", "Compare several models at one --context.")
+            _compare_models(parse_models(model), compare, context, not no_mtp, kv_bits, as_json)
+            return
         args, label = with_kv_bits(*load_model_args(model), kv_bits)
         _compare(args, label, compare, context, contexts, not no_mtp, plot, as_json)
         return
@@ -141,8 +150,13 @@ def fit(
     the_mac, here = _pick_mac(mac, memory, bandwidth, model)
     mtp = not no_mtp
     n_ctx = args.max_position_embeddings if context is None else context
-    recipe = _choose_recipe(args, the_mac, n_ctx, mtp, recipe_file, bits, mode, group_size, target_size, solve)
+    try:
+        recipe = _choose_recipe(args, the_mac, n_ctx, mtp, recipe_file, bits, mode, group_size, target_size, solve)
+    except PlanError as e:  # --solve found nothing: say which GLM this Mac holds instead
+        alt = smaller_that_fits(args, the_mac, n_ctx, mtp)
+        raise PlanError(str(e), f"{label} does not fit this Mac; {alt.label} does: {alt.command}" if alt else e.hint) from None
     p = plan(args, recipe, the_mac, n_ctx, mtp=mtp, model=label)
+    alt = smaller_that_fits(args, the_mac, n_ctx, mtp) if p.fits == "no" and not pipeline else None
     pipe = plan_pipeline(args, recipe, parse_macs(pipeline), n_ctx, mtp) if pipeline else None
     # When one Mac cannot hold it: how many of this Mac a pipeline needs (0: more than 8).
     needed = pipeline_size(args, the_mac, n_ctx, mtp, recipe) if p.fits == "no" and not pipe else None
@@ -160,11 +174,13 @@ def fit(
             d["pipeline"] = _pipeline_dict(pipe)
         if needed is not None:
             d["pipeline_macs_needed"] = needed
+        if alt:
+            d["smaller_model_fits"] = alt.to_dict()
         typer.echo(json.dumps(d))
         return
     if here is not None:
         _print_here(console, here, p)
-    _print_plan(console, p, needed, serving)
+    _print_plan(console, p, needed, serving, alt)
     if pipe:
         _print_pipeline(console, pipe)
     if out:
@@ -177,7 +193,7 @@ def gb(n: float) -> str:
     return f"{n / 1e9:,.1f} GB"
 
 
-def _print_plan(c: Console, p: Plan, pipeline_macs: int | None = None, serving=None) -> None:
+def _print_plan(c: Console, p: Plan, pipeline_macs: int | None = None, serving=None, alt=None) -> None:
     c.print(f"[bold]{p.model or 'model'}[/] on [bold]{p.mac.label}[/] at {p.context:,} tokens"
             f"{'' if p.mtp else ', no MTP'}")
     c.print(f"Recipe: {p.recipe.name or p.recipe.default.name} ({p.params / 1e9:,.1f}B parameters, "
@@ -188,7 +204,9 @@ def _print_plan(c: Console, p: Plan, pipeline_macs: int | None = None, serving=N
     for comp, b in sorted(p.weights_by_component.items(), key=lambda kv: -kv[1]):
         t.add_row(f"  weights: {comp}", gb(b))
     t.add_row("[bold]Weights[/]", f"[bold]{gb(p.weights_bytes)}[/]")
-    t.add_row(f"KV cache ({p.kv_bytes_per_token:,} B/token x {p.kv_bytes // p.kv_bytes_per_token:,})", gb(p.kv_bytes))
+    rows = (p.kv_bytes - p.state_bytes) // p.kv_bytes_per_token
+    t.add_row(f"KV cache ({p.kv_bytes_per_token:,} B/token x {rows:,}"
+              + (f" + {p.state_bytes / 1e6:,.0f} MB KDA state)" if p.state_bytes else ")"), gb(p.kv_bytes))
     t.add_row(f"Working set (prefill chunk {min(p.prefill_chunk, p.context):,})", gb(p.working_set_bytes))
     t.add_row("[bold]Total to wire[/]", f"[bold]{gb(p.total_bytes)}[/]")
     raised = p.mac.wired_limit_mb
@@ -206,6 +224,10 @@ def _print_plan(c: Console, p: Plan, pipeline_macs: int | None = None, serving=N
         if pipeline_macs:
             c.print(f"A pipeline over {pipeline_macs} x {p.mac.name} holds it: "
                     f"--pipeline {','.join([p.mac.name] * pipeline_macs)}")
+        if alt:  # a smaller GLM that this Mac holds (quantize/models.py)
+            c.print(f"[bold]{p.model} does not fit this Mac; {alt.label} does[/] ({8 * alt.plan.weights_bytes / alt.plan.params:.2f}"
+                    f" bits/weight at {alt.plan.context:,} tokens, est. {alt.plan.decode_tok_s:.1f} tok/s): {alt.command}",
+                    soft_wrap=True)
     c.print(f"Max context: {p.max_context:,} tokens (default limit: {p.max_context_default_limit:,})")
     c.print(f"Est. decode{' if it fit' if p.fits == 'no' else ''}: {p.decode_tok_s:.1f} tok/s at {p.context:,} "
             f"tokens ({p.decode_tok_s_1k:.1f} at 1K); prefill: {p.prefill_tok_s:.0f} tok/s over {p.context:,} "
@@ -309,6 +331,32 @@ def _compare(args, label: str, which: str, context, contexts, mtp: bool, plot, a
         console.print(f"Plot written to {plotted}")
 
 
+def _compare_models(keys: list[str], which: str, context, mtp: bool, kv_bits, as_json: bool) -> None:
+    """--compare over several GLMs (--model all): per Mac, each model's best recipe at --context."""
+    models = [(k, *with_kv_bits(*load_model_args(k), kv_bits)) for k in keys]
+    macs = None if which.strip().lower() in ("", "all") else cmp.parse_mac_list(which)
+    table = cmp.compare_models(models, macs, context, mtp=mtp)
+    if as_json:
+        typer.echo(json.dumps([{"model": k, **r.to_dict()} for rows in table.values() for k, r in rows.items()]))
+        return
+    c = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+    ctx = next(iter(next(iter(table.values())).values())).best.context
+    c.print(f"[bold]{' vs '.join(label for _, _, label in models)}[/]: the best recipe per Mac at {ctx:,} tokens "
+            "(bits/weight, max context, est. decode tok/s; '-': does not fit)")
+    t = Table(header_style="bold", box=None, pad_edge=False)
+    t.add_column("Mac", no_wrap=True)
+    t.add_column("GB/s", justify="right")
+    for _, _, label in models:
+        t.add_column(label, justify="right", no_wrap=True)
+    for rows in table.values():
+        r0 = next(iter(rows.values()))
+        cells = [f"{r.best.bits_per_weight:.2f} bpw, {r.best.plan.max_context:,}, {r.best.plan.decode_tok_s:.1f}/s"
+                 + ("" if r.best.fits == "yes" else " (raise)") if r.best.plan else "-" for r in rows.values()]
+        t.add_row(r0.mac.name, f"{r0.mac.bandwidth_gbs:g}", *cells)
+    c.print(t)
+    c.print("[dim](raise): raise the GPU wired limit first; glm-mlx fit --model NAME --mac MAC --solve prints the sysctl.[/]")
+
+
 def _print_compare(c: Console, label: str, rows: list, ctxs: list, floor: int, top: int) -> None:
     c.print(f"[bold]{label}[/]: the best recipe per Mac at {rows[0].best.context:,} tokens")
     fit = [r for r in rows if r.fits_somewhere]
@@ -329,6 +377,9 @@ def _print_compare(c: Console, label: str, rows: list, ctxs: list, floor: int, t
         c.print(f"Nothing fits on {', '.join(r.mac.name for r in rest)}: the smallest recipe needs {gb(floor)} of weights; "
                 f"these Macs have at most {gb(max(r.weights_budget_bytes for r in rest))} for weights at "
                 f"{rest[0].best.context:,} tokens.", soft_wrap=True)
+        if embedded_name(label) == "glm-5.1":
+            c.print(f"{label} does not fit these Macs; GLM-5.3-Flash (321B, ~18B active) may: "
+                    "glm-mlx fit --compare --model all", soft_wrap=True)
     c.print("[dim]Recipes fill RAM minus the OS reserve; limit 'raise': raise the GPU wired limit first (glm-mlx fit "
             "--mac NAME --solve --context N prints the sysctl)."
             + (" Per context: bits/weight of the best recipe there and est. decode tok/s." if ctxs else "")

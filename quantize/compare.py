@@ -173,6 +173,23 @@ def compare(args: ModelArgs, macs: list[Mac] | None = None, context: int | None 
     return [cmp.row(m, context, list(contexts)) for m in macs]
 
 
+def compare_models(models: list[tuple[str, ModelArgs, str]], macs: list[Mac] | None = None, context: int | None = None,
+                   contexts: dict[str, list[tuple[str, int]]] | None = None, mtp: bool = True) -> dict[str, dict[str, Row]]:
+    """Mac name -> {model key -> Row} for (key, args, label) models (`fit --compare --model all`). The
+    default Macs: every Mac any of the models would list, the most memory first."""
+    if macs is None:
+        seen = {}
+        for _, a, _ in models:
+            ctx = min(DEFAULT_CONTEXT if context is None else context, a.max_position_embeddings)
+            seen.update({m.name: m for m in default_macs(a, ctx, mtp)})
+        macs = sorted(seen.values(), key=lambda m: (-m.memory_gb, -m.bandwidth_gbs, m.name))
+    out: dict[str, dict[str, Row]] = {m.name: {} for m in macs}
+    for key, a, label in models:
+        for m, r in zip(macs, compare(a, macs, context, (contexts or {}).get(key, ()), mtp, label)):
+            out[m.name][key] = r
+    return out
+
+
 def memory_curve(args: ModelArgs, recipe: Recipe, mac: Mac, mtp: bool = True, points: int = 96,
                  prefill_chunk: int = 2048, label: str | None = None) -> dict:
     """Memory against context for one Mac and recipe (the plot's data): bytes of weights, KV cache and
@@ -183,7 +200,7 @@ def memory_curve(args: ModelArgs, recipe: Recipe, mac: Mac, mtp: bool = True, po
     xs = sorted({max(1, round(top * i / (points - 1))) for i in range(points)} | {p.max_context or 1})
     return {"mac": mac, "recipe": label or recipe.name, "bits_per_weight": 8 * p.weights_bytes / p.params,
             "context": xs, "weights": [p.weights_bytes] * len(xs),
-            "kv_cache": [p.kv_bytes_per_token * cache_tokens(n) for n in xs],
+            "kv_cache": [p.kv_bytes_per_token * cache_tokens(n) + p.state_bytes for n in xs],
             "working_set": [working_set_bytes(working_set(args, n, mtp, prefill_chunk)) for n in xs],
             "default_limit": mac.default_wired_limit, "max_limit": mac.max_wired_limit,
             "wired_limit": mac.wired_limit, "max_context": p.max_context}

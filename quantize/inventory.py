@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 from glm_mlx.model.config import ModelArgs
 
-EMBED, ATTN, INDEXER, DENSE, ROUTED, SHARED, ROUTER, NORMS, MTP = (
+EMBED, ATTN, INDEXER, DENSE, ROUTED, SHARED, ROUTER, NORMS, MTP, HC = (
     "embeddings/head", "attention", "indexer", "dense MLP", "routed experts",
-    "shared experts", "router", "norms", "MTP")
-COMPONENTS = (EMBED, ATTN, INDEXER, DENSE, ROUTED, SHARED, ROUTER, NORMS, MTP)
+    "shared experts", "router", "norms", "MTP", "hyper-connections")
+COMPONENTS = (EMBED, ATTN, INDEXER, DENSE, ROUTED, SHARED, ROUTER, NORMS, MTP, HC)  # HC: GLM-5.3-Flash only
 
 # Model dtype names in config.json -> bytes per element of unquantized tensors.
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -64,7 +64,12 @@ def layer_is_moe(args: ModelArgs, layer: int) -> bool:
 
 
 def inventory(args: ModelArgs, mtp: bool = True) -> list[Tensor]:
-    """All tensors; the MTP layer (index num_hidden_layers) only when `mtp` and the config has one."""
+    """All tensors; the MTP layer (index num_hidden_layers) only when `mtp` and the config has one.
+    A GLM-5.3-Flash config (glm5_next) has its own inventory (next_inventory.py)."""
+    if getattr(args, "model_type", "") == "glm5_next":
+        from .next_inventory import next_inventory
+
+        return next_inventory(args, mtp)
     db = model_dtype_bytes(args)
     out: list[Tensor] = []
 

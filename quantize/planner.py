@@ -23,6 +23,8 @@ from glm_mlx.distributed.split import split_layers
 from .allocate import LADDER, BudgetError, allocate, error_of
 from .inventory import ROUTED, inventory, model_dtype_bytes
 from .macs import GiB, Mac, get_mac, sysctl_command
+from .next_args import is_next, layer_cache_bytes, state_bytes
+from .next_costs import next_assumptions
 from .recipe import Recipe, default_recipe, resolve
 from .working_set import cache_tokens, working_set, working_set_bytes
 
@@ -78,6 +80,10 @@ def price(args: ModelArgs, recipe: Recipe, mtp: bool = True) -> Weights:
 def kv_read_bytes(args: ModelArgs, position: int, dtype_bytes: int = 2) -> int:
     """Cache bytes one decode step reads at `position`: min(position, index_topk) latent rows per
     layer, plus every indexer key of the context in layers with their own indexer (past top-k)."""
+    if is_next(args):  # GLM-5.3-Flash: DSA rows, pooled keys and the KDA states (next_costs.py)
+        from .next_costs import next_kv_read_bytes
+
+        return next_kv_read_bytes(args, position, dtype_bytes)
     rows = min(position, args.index_topk) * args.latent_bytes_per_token(dtype_bytes) * args.num_hidden_layers
     own = sum(args.has_indexer(l) for l in range(args.num_hidden_layers))
     return rows + (own * position * args.indexer_bytes_per_token(dtype_bytes) if position > args.index_topk else 0)
@@ -85,6 +91,10 @@ def kv_read_bytes(args: ModelArgs, position: int, dtype_bytes: int = 2) -> int:
 
 def attention_flops(args: ModelArgs, n: int) -> float:
     """Sum over prompt positions 1..n of attention + indexer flops (closed forms, no loop)."""
+    if is_next(args):
+        from .next_costs import next_attention_flops
+
+        return next_attention_flops(args, n)
     T = args.index_topk
     keys = n * (n + 1) / 2 if n <= T else T * (T + 1) / 2 + (n - T) * T  # sum of min(p, T)
     past = (n * (n + 1) - T * (T + 1)) / 2 if n > T else 0  # sum of p over p > T
@@ -178,6 +188,7 @@ class Plan:
     prefill_tok_s_1k: float
     assumptions: list[str] = field(default_factory=list)
     kv_bits: int | None = None  # the latent KV cache's quantization (ModelArgs.kv_cache_bits); None: model dtype
+    state_bytes: int = 0  # per-sequence cache that does not grow with the context (GLM-5.3-Flash's KDA), in kv_bytes
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -195,10 +206,10 @@ def plan(args: ModelArgs, recipe: Recipe, mac: Mac, context: int | None = None, 
                         "Pass a --context the model supports.")
     mtp = mtp and bool(args.num_nextn_predict_layers)
     w = price(args, recipe, mtp)
-    kvpt = args.cache_bytes_per_token(cache_dtype_bytes, mtp)
+    kvpt, state = args.cache_bytes_per_token(cache_dtype_bytes, mtp), state_bytes(args, cache_dtype_bytes, mtp)
 
     def total_at(n: int) -> int:
-        return w.total + kvpt * cache_tokens(n) + working_set_bytes(working_set(args, n, mtp, prefill_chunk))
+        return w.total + kvpt * cache_tokens(n) + state + working_set_bytes(working_set(args, n, mtp, prefill_chunk))
 
     ws = working_set(args, context, mtp, prefill_chunk)
     total = total_at(context)
@@ -220,7 +231,7 @@ def plan(args: ModelArgs, recipe: Recipe, mac: Mac, context: int | None = None, 
         model=model, mac=mac, context=context, mtp=mtp, recipe=recipe, cache_dtype_bytes=cache_dtype_bytes,
         prefill_chunk=prefill_chunk, params=w.params, weights_bytes=w.total, weights_by_component=w.by_component,
         kept_unquantized=w.kept, unused_rules=w.unused_rules, kv_bytes_per_token=kvpt,
-        kv_bytes=kvpt * cache_tokens(context), working_set=ws,
+        kv_bytes=kvpt * cache_tokens(context) + state, working_set=ws,
         working_set_bytes=working_set_bytes(ws), total_bytes=total, os_allowance_bytes=mac.memory_bytes - top,
         wired_limit_bytes=default, max_wired_limit_bytes=top, fits=fits, sysctl=sysctl,
         max_context=max_context(total_at, top, args),
@@ -228,8 +239,8 @@ def plan(args: ModelArgs, recipe: Recipe, mac: Mac, context: int | None = None, 
         decode_bytes_per_token=w.decode_bytes + kv_read_bytes(args, context, cache_dtype_bytes),
         decode_tok_s=decode(context), prefill_tok_s=prefill(context),
         decode_tok_s_1k=decode(1024), prefill_tok_s_1k=prefill(1024),
-        assumptions=assumptions(mac, cal, mtp, prefill_chunk) + kv_cache_assumptions(args),
-        kv_bits=args.kv_cache_bits,
+        assumptions=assumptions(mac, cal, mtp, prefill_chunk) + kv_cache_assumptions(args) + next_assumptions(args, mtp),
+        kv_bits=args.kv_cache_bits, state_bytes=state,
     )
 
 
@@ -280,7 +291,8 @@ def weights_budget(args: ModelArgs, mac: Mac, context: int, mtp: bool = True, ca
     mtp = mtp and bool(args.num_nextn_predict_layers)
     limit = mac.wired_limit if within_default_limit else mac.max_wired_limit
     ws = working_set_bytes(working_set(args, context, mtp, prefill_chunk))
-    return limit - args.cache_bytes_per_token(cache_dtype_bytes, mtp) * cache_tokens(context) - ws
+    return (limit - args.cache_bytes_per_token(cache_dtype_bytes, mtp) * cache_tokens(context) - ws
+            - state_bytes(args, cache_dtype_bytes, mtp))
 
 
 def best_recipe_for(args: ModelArgs, mac: Mac, context: int | None = None, mtp: bool = True,
@@ -352,9 +364,8 @@ def plan_pipeline(args: ModelArgs, recipe: Recipe, macs: list[Mac], context: int
             side_w[side] += b
             side_read[side] += r
     rows = cache_tokens(context)
-    layer_kv = [(args.latent_bytes_per_token(cache_dtype_bytes)
-                 + (args.indexer_bytes_per_token(cache_dtype_bytes) if args.has_indexer(l) else 0)) * rows for l in range(L)]
-    mtp_kv = args.cache_bytes_per_token(cache_dtype_bytes, mtp) * rows - sum(layer_kv)
+    layer_kv = [layer_cache_bytes(args, l, rows, cache_dtype_bytes) for l in range(L)]
+    mtp_kv = args.cache_bytes_per_token(cache_dtype_bytes, mtp) * rows + state_bytes(args, cache_dtype_bytes, mtp) - sum(layer_kv)
     ws_all = working_set(args, context, mtp, prefill_chunk)
     ws_last = working_set_bytes(ws_all)
     ws_mid = working_set_bytes({k: v for k, v in ws_all.items() if k not in ("logits", "MTP layer")})  # last rank only
@@ -380,7 +391,8 @@ def plan_pipeline(args: ModelArgs, recipe: Recipe, macs: list[Mac], context: int
     eff = calibration()["decode_efficiency"]
     seconds = sum(_decode_s(s.mac, s.decode_bytes_per_token, eff) for s in stages)
     worst = max((s.fits for s in stages), key=("yes", "raise-wired-limit", "no").index)
-    return PipelinePlan(stages, context, (n - 1) * args.hidden_size * model_dtype_bytes(args), worst, 1 / seconds)
+    streams = getattr(args, "hc_mult", 1)  # GLM-5.3-Flash passes its hc_mult residual streams
+    return PipelinePlan(stages, context, (n - 1) * streams * args.hidden_size * model_dtype_bytes(args), worst, 1 / seconds)
 
 
 def pipeline_size(args: ModelArgs, mac: Mac, context: int, mtp: bool = True, recipe: Recipe | None = None,

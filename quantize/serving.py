@@ -41,7 +41,7 @@ def serving_plan(p: Plan, max_batch: int | None = None) -> ServingPlan:
     token as the KV cache (latent KV, indexer keys, MTP rows). max_batch None: as many as fit, at
     most DEFAULT_MAX_BATCH."""
     limit = p.wired_limit_bytes if p.fits == "yes" else p.max_wired_limit_bytes
-    per_seq = p.kv_bytes_per_token * cache_tokens(p.context)
+    per_seq = p.kv_bytes_per_token * cache_tokens(p.context) + p.state_bytes  # + GLM-5.3-Flash's KDA state
     batch, left = split_room(limit - p.weights_bytes - p.working_set_bytes, per_seq, max_batch)
     return ServingPlan(limit, batch, batch * per_seq, left, left // p.kv_bytes_per_token if p.kv_bytes_per_token else 0)
 

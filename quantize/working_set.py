@@ -32,6 +32,10 @@ def working_set(args: ModelArgs, context: int, mtp: bool = True, prefill_chunk: 
     last position): c = tokens per chunk = min(prefill_chunk, context), T = context, k = index_topk,
     a = activation bytes (model dtype).
     """
+    if getattr(args, "model_type", "") == "glm5_next":  # GLM-5.3-Flash: its own estimate
+        from .next_costs import next_working_set
+
+        return next_working_set(args, context, mtp, prefill_chunk)
     a, c, T = model_dtype_bytes(args), min(prefill_chunk, max(context, 1)), max(context, 1)
     d, H, h, D = args.hidden_size, args.num_attention_heads, args.index_n_heads, args.index_head_dim
     C, R, N, V = args.kv_lora_rank, args.qk_rope_head_dim, args.qk_nope_head_dim, args.v_head_dim

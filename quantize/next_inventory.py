@@ -1,0 +1,128 @@
+"""Every tensor of GLM-5.3-Flash's language model (`glm5_next`), named and shaped as transformers'
+`Glm5NextForConditionalGeneration` holds them (prefix `model.language_model.` written `model.`), with
+the dtypes the reference keeps (`_keep_in_fp32_modules_strict`: the router, its bias, the KDA
+convolution, dt_bias, A_log and the hyper-connections' base/scale are float32).
+
+Differences, all how the checkpoint and the MLX model (glm_mlx/model/glm5_next.py) hold the same parameters:
+  - the KDA forget gate's f_a_proj, f_b_proj, dt_bias and A_log sit on `self_attn` (the checkpoint's
+    names; the reference renames them into `self_attn.forget_gate.`);
+  - the KDA conv1d weight: MLX's Conv1d layout is [C, K, 1], the reference's [C, 1, K] (same bytes);
+  - routed experts: the reference's `mlp.experts.gate_up_proj` [E, 2 x moe_inter, h] and
+    `mlp.experts.down_proj` [E, h, moe_inter] are `mlp.switch_mlp.{gate,up,down}_proj.weight`
+    (mlx-lm's SwitchGLU: gate and up split, quantized along the hidden dim alike);
+  - `self_attn.kv_b_proj` [H x (nope + v), kv_lora] is split per head into `embed_q` [H, kv_lora, nope]
+    and `unembed_out` [H, v, kv_lora] (the absorbed MLA; the same parameters and quantization groups).
+Left out: the vision tower and its merger (`model.visual.*`, ~0.46B parameters): fit plans text.
+The MTP block (checkpoint layer 45, which the reference skips on load) is priced as mlx-vlm's
+glm5_next drafter builds it: enorm, hnorm, eh_proj [h, 2h], a DSA attention with its own indexer and
+a MoE block, input/post-attention norms and shared_head.norm; no hyper-connections.
+"""
+
+from __future__ import annotations
+
+from .inventory import ATTN, DENSE, EMBED, HC, INDEXER, MTP, NORMS, ROUTED, ROUTER, SHARED, Tensor, model_dtype_bytes
+from .next_args import NextArgs
+
+F32 = 4
+
+
+def next_inventory(args: NextArgs, mtp: bool = True) -> list[Tensor]:
+    db = model_dtype_bytes(args)
+    out: list[Tensor] = []
+
+    def add(name, shape, component, layer=None, quantizable=False, dtype_bytes=db):
+        is_mtp = layer is not None and layer >= args.num_hidden_layers
+        out.append(Tensor(name, tuple(int(s) for s in shape), component, layer, is_mtp, quantizable, dtype_bytes))
+
+    h = args.hidden_size
+    add("model.embed_tokens.weight", (args.vocab_size, h), EMBED, quantizable=True)
+    for l in args.layers(mtp):
+        p = f"model.layers.{l}"
+        if l >= args.num_hidden_layers:  # NextN extras ahead of the decoder block
+            add(f"{p}.enorm.weight", (h,), NORMS, l)
+            add(f"{p}.hnorm.weight", (h,), NORMS, l)
+            add(f"{p}.eh_proj.weight", (h, 2 * h), MTP, l, quantizable=True)
+            add(f"{p}.shared_head.norm.weight", (h,), NORMS, l)
+        if args.is_dsa(l):
+            _dsa(add, args, p + ".self_attn", l)
+        else:
+            _kda(add, args, p + ".self_attn", l)
+        _mlp(add, args, p + ".mlp", l)
+        add(f"{p}.input_layernorm.weight", (h,), NORMS, l)
+        add(f"{p}.post_attention_layernorm.weight", (h,), NORMS, l)
+        if l < args.num_hidden_layers:  # hyper-connections: hc_mult residual streams mixed per sub-block
+            n = args.hc_mult
+            for site in ("attn_hc", "ffn_hc"):
+                add(f"{p}.{site}.fn", ((2 + n) * n, n * h), HC, l)
+                add(f"{p}.{site}.base", ((2 + n) * n,), HC, l, dtype_bytes=F32)
+                add(f"{p}.{site}.scale", (3,), HC, l, dtype_bytes=F32)
+    add("model.norm.weight", (h,), NORMS)
+    add("lm_head.weight", (args.vocab_size, h), EMBED, quantizable=True)
+    return out
+
+
+def _kda(add, args: NextArgs, p: str, l: int):
+    """Kimi Delta Attention (Glm5NextTextLinearAttention)."""
+    h, Q, H, K = args.hidden_size, args.linear_dim, args.linear_num_heads, args.linear_head_dim
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        add(f"{p}.{proj}.weight", (Q, h), ATTN, l, True)
+    add(f"{p}.conv1d.weight", (3 * Q, 1, args.linear_conv_kernel_dim), ATTN, l, dtype_bytes=F32)  # depthwise
+    add(f"{p}.f_a_proj.weight", (K, h), ATTN, l, True)
+    add(f"{p}.f_b_proj.weight", (Q, K), ATTN, l, True)
+    add(f"{p}.dt_bias", (Q,), ATTN, l, dtype_bytes=F32)
+    add(f"{p}.A_log", (H,), ATTN, l, dtype_bytes=F32)
+    add(f"{p}.b_proj.weight", (H, h), ATTN, l, True)
+    add(f"{p}.g_a_proj.weight", (K, h), ATTN, l, True)
+    add(f"{p}.g_b_proj.weight", (Q, K), ATTN, l, True)
+    add(f"{p}.o_norm.weight", (K,), NORMS, l)
+    add(f"{p}.o_proj.weight", (h, Q), ATTN, l, True)
+
+
+def _dsa(add, args: NextArgs, p: str, l: int):
+    """MLA without RoPE plus the pooled-key indexer (Glm5NextTextAttention, Glm5NextTextIndexer)."""
+    h, H, q, kv, rope = args.hidden_size, args.num_attention_heads, args.q_lora_rank, args.kv_lora_rank, args.qk_rope_head_dim
+    bias = args.attention_bias
+    add(f"{p}.q_a_proj.weight", (q, h), ATTN, l, True)
+    if bias:
+        add(f"{p}.q_a_proj.bias", (q,), ATTN, l)
+    add(f"{p}.q_a_layernorm.weight", (q,), NORMS, l)
+    add(f"{p}.q_b_proj.weight", (H * args.qk_head_dim, q), ATTN, l, True)
+    add(f"{p}.kv_a_proj_with_mqa.weight", (kv + rope, h), ATTN, l, True)
+    if bias:
+        add(f"{p}.kv_a_proj_with_mqa.bias", (kv + rope,), ATTN, l)
+    add(f"{p}.kv_a_layernorm.weight", (kv,), NORMS, l)
+    add(f"{p}.embed_q.weight", (H, kv, args.qk_nope_head_dim), ATTN, l, True)
+    add(f"{p}.unembed_out.weight", (H, args.v_head_dim, kv), ATTN, l, True)
+    add(f"{p}.o_proj.weight", (h, H * args.v_head_dim), ATTN, l, True)
+    if bias:
+        add(f"{p}.o_proj.bias", (h,), ATTN, l)
+    if args.has_indexer(l):
+        i, d = f"{p}.indexer", args.index_head_dim
+        add(f"{i}.wq_b.weight", (args.index_n_heads * d, q), INDEXER, l, True)
+        add(f"{i}.wk.weight", (d, h), INDEXER, l, True)
+        add(f"{i}.k_norm.weight", (d,), INDEXER, l)  # LayerNorm: never quantized
+        add(f"{i}.k_norm.bias", (d,), INDEXER, l)
+        add(f"{i}.weights_proj.weight", (args.index_n_heads, h), INDEXER, l, True)
+        add(f"{i}.index_kpool_compress_ape", (args.index_kpool, d), INDEXER, l)  # plain parameters, not Linear
+        add(f"{i}.index_kpool_compress_gate", (d, h), INDEXER, l)
+
+
+def _mlp(add, args: NextArgs, p: str, l: int):
+    h = args.hidden_size
+    if l < args.num_hidden_layers and args.mlp_layer_types[l] != "sparse":
+        i = args.intermediate_size
+        add(f"{p}.gate_proj.weight", (i, h), DENSE, l, True)
+        add(f"{p}.up_proj.weight", (i, h), DENSE, l, True)
+        add(f"{p}.down_proj.weight", (h, i), DENSE, l, True)
+        return
+    E, m = args.n_routed_experts, args.moe_intermediate_size
+    add(f"{p}.gate.weight", (E, h), ROUTER, l, dtype_bytes=F32)  # the reference keeps the router float32
+    add(f"{p}.gate.e_score_correction_bias", (E,), ROUTER, l, dtype_bytes=F32)
+    add(f"{p}.switch_mlp.gate_proj.weight", (E, m, h), ROUTED, l, True)
+    add(f"{p}.switch_mlp.up_proj.weight", (E, m, h), ROUTED, l, True)
+    add(f"{p}.switch_mlp.down_proj.weight", (E, h, m), ROUTED, l, True)
+    if args.n_shared_experts:
+        s = m * args.n_shared_experts
+        add(f"{p}.shared_experts.gate_proj.weight", (s, h), SHARED, l, True)
+        add(f"{p}.shared_experts.up_proj.weight", (s, h), SHARED, l, True)
+        add(f"{p}.shared_experts.down_proj.weight", (h, s), SHARED, l, True)
