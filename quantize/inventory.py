@@ -9,48 +9,10 @@ Quantizable entries carry the module path that mlx-lm's `config["quantization"]`
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 from glm_mlx.model.config import ModelArgs
 
-EMBED, ATTN, INDEXER, DENSE, ROUTED, SHARED, ROUTER, NORMS, MTP, HC = (
-    "embeddings/head", "attention", "indexer", "dense MLP", "routed experts",
-    "shared experts", "router", "norms", "MTP", "hyper-connections")
-COMPONENTS = (EMBED, ATTN, INDEXER, DENSE, ROUTED, SHARED, ROUTER, NORMS, MTP, HC)  # HC: GLM-5.3-Flash only
-
-# Model dtype names in config.json -> bytes per element of unquantized tensors.
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-
-
-@dataclass(frozen=True)
-class Tensor:
-    name: str
-    shape: tuple[int, ...]
-    component: str  # what it is (the MTP layer's experts are ROUTED here)
-    layer: int | None = None  # decoder layer, None for embeddings / final norm / head
-    mtp: bool = False  # part of the multi-token-prediction layer
-    quantizable: bool = False  # a Linear / Embedding / MultiLinear / SwitchLinear weight
-    dtype_bytes: int = 2  # when stored unquantized
-
-    @property
-    def module(self) -> str:
-        """Module path (the name without .weight/.bias): mlx-lm's quantization key."""
-        return self.name.rsplit(".", 1)[0]
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def group(self) -> str:
-        """Report bucket: the MTP layer is its own line."""
-        return MTP if self.mtp else self.component
-
-
-def model_dtype_bytes(args: ModelArgs) -> int:
-    dtype = args.extra.get("dtype") or args.extra.get("torch_dtype") or "bfloat16"
-    return DTYPE_BYTES.get(str(dtype), 2)
+from .pricing import (ATTN, COMPONENTS, DENSE, DTYPE_BYTES, EMBED, HC, INDEXER, MTP, NORMS, ROUTED,  # noqa: F401
+                      ROUTER, SHARED, Tensor, model_dtype_bytes)
 
 
 def has_mtp(args: ModelArgs) -> bool:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from glm_mlx.model import attention
 
-from .inventory import model_dtype_bytes
+from .pricing import model_dtype_bytes
 from .next_args import NextArgs, is_next
-from .working_set import IN_FLIGHT, SCORE_BYTES, cache_tokens
+from .pricing import IN_FLIGHT, SCORE_BYTES, cache_tokens
 
 FLA_CHUNK = 64  # KDA's chunked form works on blocks of 64 tokens (FLA's chunk size, as the reference)
 

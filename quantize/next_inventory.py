@@ -20,7 +20,7 @@ a MoE block, input/post-attention norms and shared_head.norm; no hyper-connectio
 
 from __future__ import annotations
 
-from .inventory import ATTN, DENSE, EMBED, HC, INDEXER, MTP, NORMS, ROUTED, ROUTER, SHARED, Tensor, model_dtype_bytes
+from .pricing import ATTN, DENSE, EMBED, HC, INDEXER, MTP, NORMS, ROUTED, ROUTER, SHARED, Tensor, model_dtype_bytes
 from .next_args import NextArgs
 
 F32 = 4

@@ -8,17 +8,9 @@ glm_mlx.model.attention (it shares the chunk budgets and the sparse-or-dense cho
 from __future__ import annotations
 
 from glm_mlx.model import attention
-from glm_mlx.model.cache import GROWTH_STEP
 from glm_mlx.model.config import ModelArgs
 
-from .inventory import model_dtype_bytes
-
-SCORE_BYTES = 4  # attention and indexer scores are float32
-# Query chunks (indexer, sparse attention) whose tensors are alive at once: MLX queues ~50 ops
-# ahead of execution, allocating their outputs, which covers about this many chunks (measured
-# on the CPU backend).
-IN_FLIGHT = 4
-
+from .pricing import IN_FLIGHT, SCORE_BYTES, cache_tokens, model_dtype_bytes  # noqa: F401
 
 def working_set(args: ModelArgs, context: int, mtp: bool = True, prefill_chunk: int = 2048) -> dict[str, int]:
     """Transient bytes of the last prefill chunk (the largest: its queries see the whole context).
@@ -103,8 +95,3 @@ ALWAYS = ("activations", "cache growth")  # working-set entries alive through ev
 def working_set_bytes(ws: dict[str, int]) -> int:
     """Peak transient bytes of a working set: what lives through a layer + the largest phase."""
     return sum(ws.get(n, 0) for n in ALWAYS) + max((v for n, v in ws.items() if n not in ALWAYS), default=0)
-
-
-def cache_tokens(context: int) -> int:
-    """Tokens the KV cache buffers hold at `context`: they grow in GROWTH_STEP-token steps."""
-    return -(-context // GROWTH_STEP) * GROWTH_STEP

@@ -1,0 +1,61 @@
+"""The planner's shared units: the report's components, a tensor as the planner prices it, bytes per
+element of the model dtype, and the working set's constants. One module that every model's
+inventory and cost estimate imports (inventory.py and working_set.py for GLM-5.1, next_inventory.py
+and next_costs.py for GLM-5.3-Flash), so the dispatch by model_type runs one way."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from glm_mlx.model.cache import GROWTH_STEP
+
+EMBED, ATTN, INDEXER, DENSE, ROUTED, SHARED, ROUTER, NORMS, MTP, HC = (
+    "embeddings/head", "attention", "indexer", "dense MLP", "routed experts",
+    "shared experts", "router", "norms", "MTP", "hyper-connections")
+COMPONENTS = (EMBED, ATTN, INDEXER, DENSE, ROUTED, SHARED, ROUTER, NORMS, MTP, HC)  # HC: GLM-5.3-Flash only
+
+# Model dtype names in config.json -> bytes per element of unquantized tensors.
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    shape: tuple[int, ...]
+    component: str  # what it is (the MTP layer's experts are ROUTED here)
+    layer: int | None = None  # decoder layer, None for embeddings / final norm / head
+    mtp: bool = False  # part of the multi-token-prediction layer
+    quantizable: bool = False  # a Linear / Embedding / MultiLinear / SwitchLinear weight
+    dtype_bytes: int = 2  # when stored unquantized
+
+    @property
+    def module(self) -> str:
+        """Module path (the name without .weight/.bias): mlx-lm's quantization key."""
+        return self.name.rsplit(".", 1)[0]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def group(self) -> str:
+        """Report bucket: the MTP layer is its own line."""
+        return MTP if self.mtp else self.component
+
+
+def model_dtype_bytes(args) -> int:
+    dtype = args.extra.get("dtype") or args.extra.get("torch_dtype") or "bfloat16"
+    return DTYPE_BYTES.get(str(dtype), 2)
+
+
+SCORE_BYTES = 4  # attention and indexer scores are float32
+# Query chunks (indexer, sparse attention) whose tensors are alive at once: MLX queues ~50 ops
+# ahead of execution, allocating their outputs, which covers about this many chunks (measured
+# on the CPU backend).
+IN_FLIGHT = 4
+
+
+def cache_tokens(context: int) -> int:
+    """Tokens the KV cache buffers hold at `context`: they grow in GROWTH_STEP-token steps."""
+    return -(-context // GROWTH_STEP) * GROWTH_STEP
