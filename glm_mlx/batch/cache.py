@@ -59,6 +59,7 @@ def _pad(a: mx.array, T: int) -> mx.array:
 
 class BatchLayerCache:
     layout = "batch"  # how attention reads it (model/attention.py)
+    joint_prefill = True  # padded [B, L] prefills may write it (batch/prefill.py)
 
     def __init__(self, has_indexer: bool, index_bits: int | None, kv: list[mx.array], index: list[mx.array],
                  lengths: list[int], latent_dim: int, kv_bits: int | None = None, kv_group_size: int = 64):
@@ -146,6 +147,21 @@ class BatchLayerCache:
         cache.offset = n
         for buf, part in zip(cache._index, index):
             buf.data = own(part)
+
+    def store_row(self, b: int, cache: DSACache):
+        """Row b back into the sequence's own cache (it leaves the batch)."""
+        self.store(cache, self.rows(b))
+
+    def view(self, b: int, cache: DSACache, ahead: bool = False) -> DSACache:
+        """A cache like the sequence's own viewing row b here (its own are lent), for the prefix cache to
+        copy blocks out while it decodes; ahead: its last row pairs with a token not in `tokens` yet."""
+        out = DSACache(cache.has_indexer, cache.index_bits, cache.kv_bits, cache.kv_group_size)
+        out.latent_dim = cache.latent_dim
+        kv, index = self.rows(b)[:2]
+        for buf, part in zip(out._kv + out._index, kv + index):
+            buf.data = part
+        out.offset = self.lengths[b] - ahead
+        return out
 
     # --- one decode step -----------------------------------------------------------------------
     @property
@@ -241,16 +257,25 @@ class RaggedLayerCache:
 
     def __init__(self, parts: list[BatchLayerCache]):
         self.parts = parts
+        self.joint_prefill = parts[0].joint_prefill
 
     @classmethod
     def of(cls, caches: list[DSACache], moved: "dict[int, tuple] | None" = None,
-           ranges: "tuple[tuple[int, int], ...] | None" = None):
-        """BatchLayerCache.of over each range of rows (one range: a plain BatchLayerCache)."""
+           ranges: "tuple[tuple[int, int], ...] | None" = None, part=BatchLayerCache):
+        """part.of (a BatchLayerCache or a subclass) over each range of rows (one range: a plain part)."""
         moved = moved or {}
         if ranges is None or len(ranges) == 1:
-            return BatchLayerCache.of(caches, moved)
-        return cls([BatchLayerCache.of(caches[s:e], {i - s: moved[i] for i in range(s, e) if i in moved})
+            return part.of(caches, moved)
+        return cls([part.of(caches[s:e], {i - s: moved[i] for i in range(s, e) if i in moved})
                     for s, e in ranges])
+
+    def store_row(self, b: int, cache):
+        part, row = self._at(b)
+        part.store_row(row, cache)
+
+    def view(self, b: int, cache, ahead: bool = False):
+        part, row = self._at(b)
+        return part.view(row, cache, ahead)
 
     @property
     def ranges(self) -> list[tuple[int, int]]:

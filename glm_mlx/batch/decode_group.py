@@ -8,8 +8,8 @@ import itertools
 import mlx.core as mx
 
 from . import cache as batch_cache
-from .cache import BatchLayerCache, RaggedLayerCache, like_length_ranges
-from ..model.cache import DSACache
+from . import layers as batch_layers
+from .cache import like_length_ranges
 
 # Plain passes leave their MTP slots for one batched MTP pass, after at most this many passes.
 LAZY_MTP_PASSES = 32
@@ -49,7 +49,7 @@ class DecodeGroup:
         ranges = like_length_ranges(tuple(len(s.pc.tokens) for s in seqs), per_token, batch_cache.RAGGED_MIN_BYTES)
 
         def layer_of(caches, old_layer):
-            return RaggedLayerCache.of(caches, {i: (old_layer, b) for i, b in at.items()}, ranges)
+            return batch_layers.layer_of(caches, {i: (old_layer, b) for i, b in at.items()}, ranges)
 
         self.layers = [layer_of([s.pc.cache[i] for s in seqs], old.layers[i] if old else None) for i in range(n)]
         with_mtp = all(s.pc.mtp_cache is not None for s in seqs)
@@ -61,7 +61,7 @@ class DecodeGroup:
         for i, s in enumerate(seqs):
             if i not in at:
                 for cache in s.pc.all_caches():
-                    BatchLayerCache.lend(cache)
+                    batch_layers.lend(cache)
 
     def regroup(self, seqs: list) -> "DecodeGroup":
         """The group with these members (row order as given): members that leave get their rows back, the
@@ -137,9 +137,9 @@ class DecodeGroup:
         """Member b's rows back into its own PromptCache (caught up and settled)."""
         s = self.seqs[b]
         for layer, cache in zip(self.layers, s.pc.cache):
-            BatchLayerCache.store(cache, layer.rows(b))
+            layer.store_row(b, cache)
         if self.mtp is not None:
-            BatchLayerCache.store(s.pc.mtp_cache, self.mtp.rows(b))
+            self.mtp.store_row(b, s.pc.mtp_cache)
             s.pc.pending = self.pending[b : b + 1]
 
     def snapshot(self, b: int):
@@ -149,18 +149,9 @@ class DecodeGroup:
         from ..generation.prompt_cache import PromptCache
 
         seq = self.seqs[b]
-
-        def view(cache: DSACache, batch: BatchLayerCache, ahead: bool) -> DSACache:
-            out = DSACache(cache.has_indexer, cache.index_bits, cache.kv_bits, cache.kv_group_size)
-            out.latent_dim = cache.latent_dim
-            kv, index = batch.rows(b)
-            for buf, part in zip(out._kv + out._index, kv + index):
-                buf.data = part
-            out.offset = batch.lengths[b] - ahead  # a drafted-ahead MTP slot pairs with a token not in `tokens`
-            return out
-
-        caches = [view(c, layer, False) for c, layer in zip(seq.pc.cache, self.layers)]
-        mtp = view(seq.pc.mtp_cache, self.mtp, self.ahead) if self.mtp is not None else None
+        caches = [layer.view(b, c) for c, layer in zip(seq.pc.cache, self.layers)]
+        # a drafted-ahead MTP slot pairs with a token not in `tokens`
+        mtp = self.mtp.view(b, seq.pc.mtp_cache, self.ahead) if self.mtp is not None else None
         return PromptCache(cache=caches, mtp_cache=mtp, tokens=list(seq.pc.tokens))
 
     def arrays(self) -> list[mx.array]:

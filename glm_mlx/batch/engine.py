@@ -36,6 +36,7 @@ import time
 
 import mlx.core as mx
 
+from . import layers as batch_layers
 from .decode_group import DecodeGroup
 from .mtp import ModeChooser, MTPBatching
 from .prefill import JointPrefill
@@ -63,6 +64,8 @@ class BatchEngine(MTPBatching, JointPrefill):
         gpu = mx.default_device() == mx.gpu
         # the fewest prompts that prefill together (0: never)
         self.together_min = (2 if gpu else 3) if prefill_together is None else (2 if prefill_together else 0)
+        if not batch_layers.joint_prefill(model):  # a recurrent state would run through the padding
+            self.together_min = 0
         self.seqs: list[Sequence] = []  # in arrival order
         self.group: DecodeGroup | None = None
         self.modes = modes or ModeChooser()

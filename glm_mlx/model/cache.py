@@ -160,6 +160,20 @@ class DSACache(_BaseCache):
         out = tuple(b.write(start, p) for b, p in zip(self._index, parts))
         return out if isinstance(keys, tuple) else out[0]
 
+    # --- what batching and the prefix cache ask of every cache family (see glm5_next_cache.KDACache) ---
+    batch_kind = "kv"  # which batch cache holds its rows (batch/layers.py)
+    block_layout = "rows"  # a prefix block holds its state's rows [s, e) (axis 2 is tokens)
+
+    def row_state(self) -> list[mx.array]:
+        """The arrays whose axis 2 is tokens (a prefix block holds their rows)."""
+        return self.state
+
+    def keep_boundaries(self, every: int | None, phase: int = 0):
+        """Rows are the state at any boundary: nothing to keep."""
+
+    def can_trim_to(self, offset: int) -> bool:
+        return 0 <= offset <= self.offset
+
     # --- mlx-lm cache protocol ---------------------------------------------------------------
     def size(self) -> int:
         return self.offset

@@ -60,6 +60,11 @@ class Checkpoint:
 
     @cached_property
     def args(self):
+        """The config's arguments: Glm5NextArgs for GLM-5.3-Flash (glm5_next), else ModelArgs."""
+        if self.model_type in ("glm5_next", "glm5_next_text"):
+            from .glm5_next_config import Glm5NextArgs
+
+            return Glm5NextArgs.from_dict(self.config)
         from .config import ModelArgs
 
         return ModelArgs.from_dict(self.config)

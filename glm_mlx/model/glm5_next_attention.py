@@ -98,6 +98,32 @@ class PooledIndexer(Indexer):
         return mx.where(valid, idx, 0).astype(mx.int32), valid
 
 
+    def batch_select(self, x, qr, cache, valid):
+        """Batched decoding (batch/state_cache.py's BatchPooledCache: rows at their own lengths, L new
+        tokens each): write the rows, pool each row's groups they complete, and select per query over
+        its own row's pools as __call__ does for one sequence. None while no row sees more than K pools."""
+        B, L, _ = x.shape
+        p, K = self.kpool, self.topk // self.kpool
+        pools = cache.update_pooled(self.rows(x), self.pool)  # [B, Pmax, D]
+        Pmax = max(cache.n_pooled)
+        if Pmax <= K:
+            return None  # every row's queries see all their causal tokens
+        h, D = self.n_heads, self.head_dim
+        q = self.wq_b(qr).reshape(B, L, h, D).astype(mx.float32)
+        w = self.weights_proj(x).astype(mx.float32) * (h**-0.5 * D**-0.5)
+        pos = mx.array(cache.lengths)[:, None] - L + mx.arange(L)  # [B, L] absolute positions
+        seen = (pos + 1) // p  # [B, L]
+        score = self._score(q, w, pools.astype(mx.float32), Pmax)  # [B, L, Pmax]
+        score = mx.where(mx.arange(Pmax) < seen[..., None], score, -mx.inf)
+        chosen = select_top_k(score, K)  # [B, L, K]
+        ok = mx.repeat(chosen < seen[..., None], p, axis=-1)
+        toks = (chosen[..., None] * p + mx.arange(p)).reshape(B, L, K * p)
+        tail = (seen * p)[..., None] + mx.arange(p - 1)  # [B, L, p-1]: the query's own incomplete pool
+        idx = mx.concatenate([toks, tail], axis=-1)
+        valid = mx.concatenate([ok, tail <= pos[..., None]], axis=-1)
+        return mx.where(valid, idx, 0).astype(mx.int32), valid
+
+
 class PooledMLAttention(MLAttention):
     """MLA with qk_rope_head_dim = 0: the cache rows are the C-dim latents alone ([B, 1, T, C]); the
     rope halves are zero-width, so GLM-5.1's attention paths run unchanged."""
@@ -123,6 +149,16 @@ class PooledMLAttention(MLAttention):
 
     def __call__(self, x: mx.array, cache=None, prev_topk=None):
         """x [B, L, hidden] -> (output [B, L, hidden], the selection for a following shared layer)."""
+        layout = getattr(cache, "layout", "sequence")  # as MLAttention reads it (batch/cache.py)
+        if layout == "ragged":  # per range of rows, each in its own buffers
+            outs, sels = [], []
+            for j, ((s, e), part) in enumerate(zip(cache.ranges, cache.parts)):
+                o, sel = self(x[s:e], part, prev_topk[j] if prev_topk is not None else None)
+                outs.append(o)
+                sels.append(sel)
+            return mx.concatenate(outs, axis=0), sels
+        if layout == "batch":
+            return self._call_batch(x, cache, prev_topk)
         B, L, _ = x.shape
         H, C = self.num_heads, self.args.kv_lora_rank
         qr = self.q_a_layernorm(self.q_a_proj(x))  # [B, L, q_lora]
@@ -141,6 +177,23 @@ class PooledMLAttention(MLAttention):
             out = attend(q_nope, q_pe, kv, mask)  # [B, H, L, V]
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)  # [B, L, H*V]
         return self.o_proj(out), sel
+
+    def _call_batch(self, x, cache, prev_topk):
+        """Sequences decoding together (a batch cache: each row at its own length, padded buffers): dense
+        over each row's own tokens while no row selects, else each query's own pooled selection."""
+        B, L, _ = x.shape
+        qr = self.q_a_layernorm(self.q_a_proj(x))
+        q_nope = self.q_b_proj(qr).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)  # [B, H, L, N]
+        q_pe = q_nope[..., :0]
+        latent = self.kv_a_layernorm(self.kv_a_proj_with_mqa(x))[:, None]  # [B, 1, L, C]
+        kv = cache.update_kv(latent, latent[..., :0])  # [B, 1, Tcap, C]
+        valid = cache.valid(L)  # [B, L, Tcap]
+        sel = self.indexer.batch_select(x, qr, cache, valid) if self.indexer is not None else prev_topk
+        if sel is None:
+            out = self._attend_latent(q_nope, q_pe, kv, valid[:, None], n_keys=cache.max_length)
+        else:
+            out = self._attend_sparse(q_nope, q_pe, kv, sel[0], valid=sel[1][:, :, None, :])
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), sel
 
 
 def selection_mask(idx: mx.array, valid: mx.array, T: int) -> mx.array:

@@ -12,6 +12,13 @@ no extra compute. Beyond the last update the state is gone: `trim_floor` says ho
 can go, and trimming the whole cache (to offset 0) is always possible (a reset). Prompt caches that
 diverge further back re-prefill from the start (PromptCache.reuse reads trim_floor).
 
+Boundary states (the prefix cache): with `keep_boundaries(every, phase)` the cache keeps its state
+(conv, recurrent) after every n tokens with n % every == phase (`marks`: n -> [conv, recurrent]), as
+the KDA layer passes them (it splits its recurrence there: no extra forward pass). The prefix cache asks
+for phase every-1: a restore of k blocks holds k*every - 1 tokens, leaving the block's last token to
+process. Marks past a trim go; `forget_boundaries` drops those the prefix cache has copied. Each mark
+is one KDA state per layer (the size of the whole cache), held until the prefix cache takes it.
+
 PooledDSACache (DSA layers): GLM-5.1's DSACache (the latent KV, no rope key since
 qk_rope_head_dim is 0) whose indexer buffer holds each token's [indexer key | pool gate score]
 (2 * index_head_dim), plus the pooled keys of the complete index_kpool groups, pooled once when a
@@ -26,9 +33,25 @@ from mlx_lm.models.cache import _BaseCache
 from .cache import DSACache, _GrowingBuffer
 
 
+def mark_points(offset: int, L: int, every: int | None, phase: int) -> list[int]:
+    """r in 1..L such that the state after offset + r tokens is kept (offset + r = phase mod every)."""
+    if not every:
+        return []
+    first = offset + 1 + (phase - offset - 1) % every
+    return [n - offset for n in range(first, offset + L + 1, every)]
+
+
 class KDACache(_BaseCache):
+    batch_kind = "recurrent"  # batch/layers.py: rows stacked in a batch KDA cache
+    block_layout = "boundary"  # a prefix block holds the state at its boundary, not rows
+
     def __init__(self, kernel: int):
         self.keep = kernel - 1  # conv inputs carried between calls
+        self.every, self.phase = None, 0  # keep_boundaries
+        self.marks: dict[int, list] = {}
+        self._reset()
+
+    def _reset(self):
         self.offset = 0
         self.conv: mx.array | None = None  # [B, K-1, C]
         self.recurrent: mx.array | None = None  # [B, H, Dv, Dk] float32
@@ -36,11 +59,41 @@ class KDACache(_BaseCache):
         # [state before, after token 1, ..., after token L]) and how many of its tokens are kept.
         self._history: tuple[mx.array, list] | None = None
         self._kept = 0
+        self.marks.clear()
 
-    def commit(self, conv_input: mx.array, states: list):
+    # --- boundary states (see the module docstring) --------------------------------------------
+    def keep_boundaries(self, every: int | None, phase: int = 0):
+        self.every, self.phase = every, phase
+
+    def cuts(self, L: int) -> list[int]:
+        """Where inside an update of L tokens (r < L) the KDA layer must stop its recurrence: the states
+        after offset + r tokens are kept."""
+        return [r for r in mark_points(self.offset, L, self.every, self.phase) if r < L]
+
+    def boundary_state(self, n: int) -> list | None:
+        """[conv [1, K-1, C], recurrent [1, H, Dv, Dk]] after n tokens, if kept (n == offset: the state)."""
+        if n == self.offset and self.recurrent is not None:
+            return [self.conv, self.recurrent]
+        return self.marks.get(n)
+
+    def forget_boundaries(self, upto: int):
+        for n in [n for n in self.marks if n <= upto]:
+            del self.marks[n]
+
+    def restore_boundary(self, arrays: list, n: int):
+        """Take the state after n tokens (a prefix-cache restore)."""
+        self._reset()
+        self.conv, self.recurrent = arrays
+        self.offset = n
+
+    def commit(self, conv_input: mx.array, states: list, at: dict | None = None):
         """After a KDA layer ran L tokens: conv_input [B, K-1+L, C], states = the recurrent state after
-        each token (L of them: rollback possible) or after the last one only."""
+        each token (L of them: rollback possible) or after the last one only; at: {r: the state after r
+        of them} at `cuts(L)`."""
         L = conv_input.shape[1] - self.keep
+        for r in mark_points(self.offset, L, self.every, self.phase):
+            st = states[r - 1] if len(states) == L else (states[-1] if r == L else at[r])
+            self.marks[self.offset + r] = [conv_input[:, r : r + self.keep], st]
         before = self.recurrent
         self.conv = conv_input[:, L:]  # the last K-1 inputs
         self.recurrent = states[-1]
@@ -63,7 +116,7 @@ class KDACache(_BaseCache):
         if n == 0:
             return 0
         if n == self.offset:  # back to empty: always possible
-            self.__init__(self.keep + 1)
+            self._reset()
             return n
         if not self.can_trim_to(self.offset - n):
             raise ValueError(f"a KDA state cannot go back {n} tokens (at most {self.offset - self.trim_floor}: "
@@ -73,6 +126,8 @@ class KDACache(_BaseCache):
         self.offset -= n
         self.conv = conv_input[:, self._kept : self._kept + self.keep]  # [B, K-1, C] ending at the new last token
         self.recurrent = states[self._kept]  # states[0]: before the update
+        for m in [m for m in self.marks if m > self.offset]:
+            del self.marks[m]
         return n
 
     def is_trimmable(self) -> bool:
@@ -92,6 +147,7 @@ class KDACache(_BaseCache):
     def state(self, arrays):
         self.conv, self.recurrent = arrays
         self._history, self._kept = None, 0
+        self.marks.clear()
 
     @property
     def meta_state(self):
@@ -126,10 +182,16 @@ class PooledDSACache(DSACache):
             self.n_pooled = P
         return self._pools.valid(P)[:, 0] if P else None
 
+    batch_kind = "pooled_kv"
+
     def trim(self, n: int) -> int:
         n = super().trim(n)
         self.n_pooled = min(self.n_pooled, self.offset // self.kpool)  # a pool past the cut is re-pooled
         return n
+
+    def row_state(self) -> list[mx.array]:
+        """The per-token rows only: the pooled keys are pooled again from them after a restore."""
+        return DSACache.state.fget(self)
 
     @property
     def nbytes(self) -> int:

@@ -114,6 +114,19 @@ def recurrent_kda(q, k, v, a, b, A_log, dt_bias, lower_bound, state=None, keep_s
     return mx.concatenate(outs, axis=1), states
 
 
+def segments(run, cuts: list[int], L: int, state):
+    """Run a recurrence over [0, L) in pieces ending at each cut and at L, each from the state the one
+    before reached: run(start, end, state) -> (out [B, end-start, H, Dv], state or [state]).
+    Returns (out [B, L, H, Dv], {end: the state after it})."""
+    outs, at, s = [], {}, 0
+    for e in [c for c in cuts if 0 < c < L] + [L]:
+        out, state = run(s, e, state)
+        state = state[-1] if isinstance(state, list) else state
+        outs.append(out)
+        at[e], s = state, e
+    return (outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)), at
+
+
 def causal_conv(x: mx.array, weight: mx.array, state: mx.array | None) -> tuple[mx.array, mx.array]:
     """Depthwise causal conv + SiLU. x [B, L, C], weight [C, K, 1] (MLX conv layout), state [B, K-1, C]
     (the previous K-1 inputs; zeros at the start) -> (out [B, L, C] in x's dtype, conv input [B, K-1+L, C])."""
@@ -186,15 +199,27 @@ class KimiDeltaAttention(nn.Module):
         b = self.b_proj(x)  # [B, L, H] beta logits
         state = cache.recurrent if cache is not None else None
         A_log, dt_bias = self.A_log.reshape(H, 1), self.dt_bias.reshape(H, D)
+        # States the cache keeps inside this update (prefix-cache block boundaries): the recurrence
+        # stops there and goes on from the state it reached (the projections above ran once).
+        cuts = cache.cuts(L) if cache is not None else []
+        at = {}
         if self._recurrent(L):
             keep = cache is not None and 1 < L <= KEEP_STATES_MAX
-            out, states = recurrent_kda(q, k, v, a, b, A_log, dt_bias, self.lower_bound, state, keep_states=keep)
+            if keep or not cuts:
+                out, states = recurrent_kda(q, k, v, a, b, A_log, dt_bias, self.lower_bound, state, keep_states=keep)
+            else:
+                out, at = segments(lambda s, e, st: recurrent_kda(q[:, s:e], k[:, s:e], v[:, s:e], a[:, s:e], b[:, s:e],
+                                                                  A_log, dt_bias, self.lower_bound, st),
+                                   cuts, L, state)
+                states = [at[L]]
         else:
             g = log_gate(a, A_log, dt_bias, self.lower_bound)
-            out, final = chunk_kda(q, k, v, g, mx.sigmoid(b.astype(mx.float32)), state)
-            states = [final]
+            beta = mx.sigmoid(b.astype(mx.float32))
+            out, at = segments(lambda s, e, st: chunk_kda(q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], beta[:, s:e], st),
+                               cuts, L, state)
+            states = [at[L]]
         if cache is not None:
-            cache.commit(conv_input, states)
+            cache.commit(conv_input, states, at)
         gate = self.g_b_proj(self.g_a_proj(x)).reshape(B, L, H, D)
         out = self.o_norm(out.astype(x.dtype), gate).reshape(B, L, H * D)
         return self.o_proj(out)
