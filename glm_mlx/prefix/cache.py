@@ -37,9 +37,9 @@ import threading
 import time
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 
+from .convert import build_cache, layer_names, savable, slice_blocks
 from .store import FORMAT, Block, DiskEntry, DiskStore, stamp
 from .block_file import default_cache_dir as default_cache_dir  # noqa: F401 - public here: the serve CLI's --cache-dir default
 from ..generation.prompt_cache import PromptCache
@@ -74,9 +74,11 @@ class PrefixCache:
         self.identity = self._full_identity(model, identity, self.mtp)
         self.root = hashlib.sha256(self.identity.encode()).digest()
 
-        # Layout: which arrays a block holds, as a fresh cache tells (2 + has_indexer per layer).
+        # Layout: which arrays a block holds, as a fresh cache tells (2 + has_indexer rows per DSA layer,
+        # conv + recurrent state per recurrent layer: see convert.py).
         fresh = PromptCache.fresh(model, mtp=self.mtp)
-        self._names = [[f"layer.{i}.{j}" for j in range(2 + c.has_indexer)] for i, c in enumerate(fresh.cache)]
+        self._names = [layer_names(c, i) for i, c in enumerate(fresh.cache)]
+        states = [n for c, ns in zip(fresh.cache, self._names) if c.block_layout == "boundary" for n in ns]
         self._mtp_names = ([f"mtp.{j}" for j in range(2 + fresh.mtp_cache.has_indexer)]
                            if fresh.mtp_cache is not None else [])
 
@@ -93,7 +95,8 @@ class PrefixCache:
         self._store = None
         if self.disk_dir is not None:
             self._store = DiskStore(self.disk_dir, self.disk_limit, root=self.root, identity=self.identity,
-                                    block_size=self.block_size, layer_names=[n for ns in self._names for n in ns],
+                                    block_size=self.block_size,
+                                    layer_names=[n for ns in self._names for n in ns if n not in states], state_names=states,
                                     mtp_names=self._mtp_names, cond=self._cond, counters=self._counters,
                                     log=self.log, release=self._written, read_threads=max(1, read_threads))
             self.disk_limit = self._store.limit  # (capped to what the disk has room for)
@@ -215,9 +218,11 @@ class PrefixCache:
                 if b is not None:
                     b.tick, b.resident = tick, True
             self._touch_disk(keys, tick)
+        new = savable(pc, new, B)  # (recurrent layers: the blocks whose boundary states were kept)
         if not new:
+            self._forget_boundaries(pc, keys)
             return 0
-        blocks = self._slice(pc, new, keys, tick)
+        blocks = slice_blocks(pc, self._names, self._mtp_names, new, keys, self.root, B, tick)
         with self._cond:
             for b in blocks:
                 self._mem[b.key] = b
@@ -225,8 +230,27 @@ class PrefixCache:
                 if self.write_through and self._store is not None:
                     self._store.put(b)
             self._counters["blocks_saved"] += len(blocks)
+        self._forget_boundaries(pc, keys)
         self._enforce_ram()
         return len(blocks)
+
+    def track(self, pc: PromptCache):
+        """Have pc's recurrent layers keep their states at this cache's block boundaries (where a restore
+        of whole blocks ends), for `save`; a no-op on caches whose rows are their state."""
+        for c in pc.cache:
+            c.keep_boundaries(self.block_size, self.block_size - 1)
+
+    def _forget_boundaries(self, pc: PromptCache, stored: list[bytes]):
+        """Boundary states of blocks stored (or saved now) are not needed again: their memory goes."""
+        with self._cond:
+            held = 0
+            for key in stored:
+                if key not in self._mem and key not in self._disk:
+                    break
+                held += 1
+        for c in pc.cache:
+            if c.block_layout == "boundary" and held:
+                c.forget_boundaries(held * self.block_size - 1)
 
     def flush(self):
         """Wait until the writer has written everything queued so far."""
@@ -274,64 +298,12 @@ class PrefixCache:
                         disk_full=self._store is not None and self._store.full_since is not None,
                         disk_dir=str(self.disk_dir) if self.disk_dir else None)
 
-    # --- MLX <-> numpy (caller's thread only) ---------------------------------------------
-    def _slice(self, pc: PromptCache, new: list[int], keys: list[bytes], tick: float) -> list[Block]:
-        """Copy the rows of blocks `new` out of pc's caches into numpy, one layer at a time (each
-        layer's rows covering them are evaluated once, viewed without a copy, then copied per block)."""
-        B = self.block_size
-        lo, hi = new[0] * B, (new[-1] + 1) * B
-        arrays: list[dict] = [{} for _ in new]
-        raw: list[dict] = [{} for _ in new]
-
-        def take(state, names, a0, a1, rows):  # rows(j) -> (start, end) in absolute positions
-            regions = []
-            for a in state:
-                r = a[..., a0:a1, :]
-                regions.append(mx.view(r, mx.uint16) if r.dtype == mx.bfloat16 else r)
-            mx.eval(regions)
-            for name, a, r in zip(names, state, regions):
-                view = np.asarray(r)  # no copy: the evaluated MLX rows
-                for i, j in enumerate(new):
-                    s, e = rows(j)
-                    arrays[i][name] = np.ascontiguousarray(view[:, :, s - a0 : e - a0])
-                    if a.dtype == mx.bfloat16:
-                        raw[i][name] = "bfloat16"
-                del view
-
-        for c, names in zip(pc.cache, self._names):
-            state = c.state
-            if len(state) != len(names):
-                raise ValueError(f"a layer cache holds {len(state)} arrays, expected {len(names)}")
-            take(state, names, lo, hi, lambda j: (j * B, (j + 1) * B))
-        if pc.mtp_cache is not None:
-            state = pc.mtp_cache.state if pc.mtp_cache.offset else []
-            if len(state) != len(self._mtp_names):
-                raise ValueError(f"the MTP cache holds {len(state)} arrays, expected {len(self._mtp_names)}")
-            take(state, self._mtp_names, max(lo - 1, 0), hi - 1, lambda j: (max(j * B - 1, 0), (j + 1) * B - 1))
-        ids = np.asarray(pc.tokens[:hi], dtype=np.int32)
-        return [Block(key=keys[j], parent=keys[j - 1] if j else self.root, depth=j,
-                      tokens=ids[j * B : (j + 1) * B].copy(), arrays=arrays[i], raw=raw[i], tick=tick)
-                for i, j in enumerate(new)]
-
     def _build(self, blocks: list[Block], tokens: list[int]) -> PromptCache:
         pc = PromptCache.fresh(self.model, mtp=self.mtp)
-
-        def load(c, names):
-            state = []
-            for name in names:
-                a = mx.array(np.concatenate([b.arrays[name] for b in blocks], axis=2))
-                dt = blocks[0].raw.get(name)
-                state.append(mx.view(a, getattr(mx, dt)) if dt else a)
-            c.state = state
-            mx.eval(c.buffers() or c.state)  # one layer at a time: small peak
-
-        for c, names in zip(pc.cache, self._names):
-            load(c, names)
-            c.trim(1)  # the next forward recomputes position kB-1 (and writes its MTP slot)
-        if pc.mtp_cache is not None:
-            load(pc.mtp_cache, self._mtp_names)
+        build_cache(pc, blocks, self._names, self._mtp_names, self.block_size)
         pc.tokens = list(tokens)
         pc.pending = None
+        self.track(pc)
         assert all(c.offset == len(tokens) for c in pc.all_caches()), "restored caches out of step"
         return pc
 

@@ -56,20 +56,22 @@ class DiskStore:
     reader threads and writer thread.
 
     root / identity / block_size: whose blocks these are (other files are never served nor touched).
-    layer_names / mtp_names: the arrays a block holds (B rows each; MTP ones B-1 at depth 0).
+    layer_names / mtp_names: the arrays a block holds (B rows each; MTP ones B-1 at depth 0); state_names:
+    recurrent layers' states at the block's end (prefix/convert.py), whatever their shape.
     cond / counters: the PrefixCache's lock and counters; `entries` changes only under the lock.
     release(block): called under the lock when the writer is done with a block.
     """
 
     def __init__(self, directory: Path, limit: int, *, root: bytes, identity: str, block_size: int,
                  layer_names: list[str], mtp_names: list[str], cond: threading.Condition, counters: dict,
-                 log, release, read_threads: int):
+                 log, release, read_threads: int, state_names: tuple = ()):
         self.dir = directory
         self.limit = limit
         self.root = root
         self.identity = identity
         self.block_size = block_size
         self._layer_names = layer_names
+        self._state_names = list(state_names)  # recurrent layers' boundary states: no token rows
         self._mtp_names = mtp_names
         self._cond = cond
         self._counters = counters
@@ -180,6 +182,7 @@ class DiskStore:
         B = self.block_size
         rows = {n: B for n in self._layer_names}
         rows.update({n: B - 1 if depth == 0 else B for n in self._mtp_names})
+        rows.update({n: None for n in self._state_names})
         return rows
 
     def _check(self, path: Path, meta: dict, tensors: dict, size: int | None) -> tuple[bytes, int, np.ndarray]:
@@ -204,7 +207,10 @@ class DiskStore:
             raise _Corrupt("arrays do not match this model's layers")
         for name, t in tensors.items():
             shape = t["shape"] if isinstance(t, dict) else list(t.shape)
-            if len(shape) != 4 or shape[2] != want[name]:
+            if want[name] is None:  # a boundary state: [1, K-1, C] conv inputs or [1, H, Dv, Dk]
+                if len(shape) not in (3, 4) or shape[0] != 1:
+                    raise _Corrupt(f"array {name} has shape {shape}")
+            elif len(shape) != 4 or shape[2] != want[name]:
                 raise _Corrupt(f"array {name} has shape {shape}")
         if size is not None and os.path.getsize(path) != size:
             raise _Corrupt("file size does not match its header (truncated?)")
