@@ -100,6 +100,8 @@ class CachePool:
         from ..generation.prompt_cache import common_prefix
 
         n, best = max(((common_prefix(pc.tokens, ids), pc) for pc in self.caches), key=lambda x: x[0], default=(0, None))
+        if best is not None and not all(c.can_trim_to(min(n, len(ids) - 1)) for c in best.cache):
+            n = 0  # a recurrent state (GLM-5.3-Flash's KDA layers) cannot go back there: reuse would start over
         room = len(self.caches) + len(self.busy) < self.size or not self.share_heads
         # Continue a conversation: the cache's tokens all prefix this prompt; or this prompt extends the
         # prompt the cache last served, its reply coming back rendered otherwise (reasoning cleared from
@@ -328,7 +330,10 @@ class Worker(threading.Thread):
             restored, st = self.prefix.restore(prompt)
             if restored is not None:
                 return self.pool.adopt(restored), st.get("disk_tokens", 0)
-        return (self.pool.take(pc) if pc is not None else self.pool.fresh()), 0
+        pc = self.pool.take(pc) if pc is not None else self.pool.fresh()
+        if self.prefix is not None:
+            self.prefix.track(pc)  # recurrent layers keep their states at block boundaries, for its blocks
+        return pc, 0
 
     def _save_prefix(self, pc):
         if self.prefix is not None:
