@@ -62,6 +62,8 @@ def _importance(calibration: Path, source_folder: Path, dst: Path, stream: bool,
     (cached in the output's work folder, so a resumed conversion does not calibrate again)."""
     from glm_mlx.quantize.converter import WORK, importance_key
     from glm_mlx.quantize.imatrix import Importance, calibrate
+    from glm_mlx.quantize.next_convert import is_next_config
+    from glm_mlx.quantize.next_imatrix import calibrate_next
     from glm_mlx.quantize.source import Source
 
     try:
@@ -95,7 +97,8 @@ def _importance(calibration: Path, source_folder: Path, dst: Path, stream: bool,
     if not chunks:
         raise GlmMlxError(f"calibration file {calibration} is empty")
     stderr.print(f"Calibrating on {len(ids):,} tokens of {calibration.name} (one layer in memory at a time)")
-    imp = calibrate(Source(source_folder), chunks)
+    source = Source(source_folder)  # GLM-5.3-Flash: through its own blocks (hyper-connections, KDA)
+    imp = (calibrate_next if is_next_config(source.config) else calibrate)(source, chunks)
     cached.parent.mkdir(parents=True, exist_ok=True)
     imp.save(cached)
     return imp, key
@@ -172,7 +175,7 @@ def convert(
 
     Example: glm-mlx convert ./GLM-5.1 ./GLM-5.1-4bit -q --upload-repo me/GLM-5.1-4bit
     """
-    from glm_mlx.model.config import ModelArgs, config_dtype
+    from glm_mlx.model.config import config_dtype
     from glm_mlx.model.checkpoint import Checkpoint
     from glm_mlx.quantize import converter
     from glm_mlx.quantize.output_dir import refuse_foreign
@@ -227,7 +230,7 @@ def convert(
     if kind == "mlx" and not dequantize:
         raise converter.ConvertError(f"{src} is already an MLX-quantized checkpoint",
                                      "Pass --dequantize to write it unquantized, or convert from the original HF checkpoint (BF16 or FP8).")
-    args = ModelArgs.from_dict(converter.with_dtype(source.config, dtype))
+    args = converter.source_args(source.config, dtype)  # NextArgs for GLM-5.3-Flash (glm5_next)
     mtp = converter.mtp_in_source(args, source.weight_map)
     importance, imp_id = (None, None)
     if calibration is not None:
@@ -247,6 +250,8 @@ def convert(
                                shard_size=int(parse_size(shard_size)), force=force, progress=True, fetcher=fetcher,
                                dtype=dtype)
     plan = result.plan
+    for note in result.notes:
+        stderr.print(f"Note: {note}", soft_wrap=True)
     stderr.print(f"Converted {src} -> {dst}: {len(plan.shards)} shards, {fmt_bytes(result.tensor_bytes)} of weights "
                  f"(= the planner's prediction), recipe {recipe.name or recipe.default.name}, rounding {recipe.method}; "
                  f"{len(result.written)} shards written now, {len(plan.shards) - len(result.written)} already there.", soft_wrap=True)

@@ -30,9 +30,11 @@ from glm_mlx.disk import check_writable, fmt_bytes, free_bytes
 from glm_mlx.model.config import ModelArgs, config_dtype
 from glm_mlx.model.checkpoint import INDEX_FILE
 
+from . import next_convert
 from .imatrix import Importance
 from .inventory import Tensor, inventory
 from .conversion_plan import Item, Plan, Shard
+from .next_args import is_next
 from .output_dir import (MANIFEST, MANIFEST_FORMAT, TOKENIZER_FILES, WORK, ConvertError, check_paths,
                          fingerprint, prepare_output, write_plan)
 from .planner import price
@@ -68,17 +70,35 @@ def _entry_bound(array) -> int:
 
 
 def with_dtype(config: dict, dtype: str | None) -> dict:
-    """`config` with its model dtype set to `dtype` (None: unchanged)."""
+    """`config` with its model dtype set to `dtype` (None: unchanged); a nested text_config's too."""
     if dtype is None:
         return config
     if dtype not in _DTYPES:
         raise ConvertError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    text = config.get("text_config")
+    if isinstance(text, dict) and ("dtype" in text or "torch_dtype" in text):
+        config = {**config, "text_config": with_dtype(text, dtype)}
     return {**config, "dtype": dtype, **({"torch_dtype": dtype} if "torch_dtype" in config else {})}
 
 
-def make_plan(args: ModelArgs, recipe: Recipe, mtp: bool, shard_size: int = SHARD_SIZE, mlx_layout: bool = False) -> Plan:
-    """`mlx_layout`: the source already has the output's tensor names and shapes (an MLX checkpoint)."""
+def source_args(config: dict, dtype: str | None = None):
+    """The planner's args for a source's config.json: NextArgs for GLM-5.3-Flash (glm5_next), else ModelArgs."""
+    config = with_dtype(config, dtype)
+    return next_convert.plan_args(config) if next_convert.is_next_config(config) else ModelArgs.from_dict(config)
+
+
+def source_naming(args, source: Source):
+    """How a glm5_next source names its tensors (next_convert.NextNames); None for GLM-5.1 or an MLX layout."""
+    return next_convert.NextNames(source.weight_map) if is_next(args) and not source.mlx_layout else None
+
+
+def make_plan(args: ModelArgs, recipe: Recipe, mtp: bool, shard_size: int = SHARD_SIZE, mlx_layout: bool = False,
+              names=None) -> Plan:
+    """`mlx_layout`: the source already has the output's tensor names and shapes (an MLX checkpoint).
+    `names`: a glm5_next source's naming (source_naming; default: the reference checkpoint's layout)."""
     dtype = _DTYPES[config_dtype(args.extra)]
+    if names is None and is_next(args) and not mlx_layout:
+        names = next_convert.NextNames()
     tensors = inventory(args, mtp)
     res = resolve(args, recipe, mtp, tensors)
     items = []
@@ -91,7 +111,8 @@ def make_plan(args: ModelArgs, recipe: Recipe, mtp: bool, shard_size: int = SHAR
             fmt = None
             name = "F32" if t.dtype_bytes == 4 else MX_NAME[dtype]
             arrays = [(t.name, name, t.shape, t.numel * t.dtype_bytes)]
-        items.append(Item(t, fmt, arrays, [t.name] if mlx_layout else source_names(args, t)))
+        sources = [t.name] if mlx_layout else source_names(args, t)
+        items.append(Item(t, fmt, arrays, names.sources(t, sources) if names is not None else sources))
     groups, cur, size = [], [], 64  # 64: the header's length prefix, metadata and padding
     for it in items:  # greedy, in inventory order: a tensor never spans two shards
         need = it.nbytes + sum(_entry_bound(a) for a in it.arrays)
@@ -113,22 +134,27 @@ def make_plan(args: ModelArgs, recipe: Recipe, mtp: bool, shard_size: int = SHAR
     return plan
 
 
-def check_source(source: Source, plan: Plan) -> None:
-    """Every tensor the plan needs is in the checkpoint, and nothing is left over unexplained."""
+def check_source(source: Source, plan: Plan, names=None) -> list[str]:
+    """Every tensor the plan needs is in the checkpoint, and nothing is left over unexplained; the notes
+    to show (a glm5_next checkpoint's vision tensors, skipped). `names`: source_naming's."""
     n = plan.args.num_hidden_layers
     needed = {s for sh in plan.shards for it in sh.items for s in it.sources}
     missing = sorted(needed - set(source.weight_map))
     if missing:
         raise ConvertError(f"missing tensor {missing[0]} in {source.folder}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""),
                            "The checkpoint does not match its config.json, or the download is incomplete.")
-    for k in source.weight_map:
+    for key in source.weight_map:
+        k = key if names is None else names.canonical(key)
+        if k is None or key in needed:  # None: a vision tensor (counted in the note)
+            continue
         parts = k.split(".")
         layer = int(parts[2]) if k.startswith("model.layers.") else None
-        if k in needed or k.endswith(_IGNORED) or (layer is not None and (layer > n or (layer == n and not plan.mtp))):
+        if k.endswith(_IGNORED) or (layer is not None and (layer > n or (layer == n and not plan.mtp))):
             continue
         if layer == n and (".embed_tokens." in k or ".shared_head.head." in k):
             continue  # the MTP layer's copies of the shared embedding and head
-        raise ConvertError(f"unexpected tensor {k} in {source.folder}", "The checkpoint does not match its config.json.")
+        raise ConvertError(f"unexpected tensor {key} in {source.folder}", "The checkpoint does not match its config.json.")
+    return next_convert.vision_note(names) if names is not None else []
 
 
 def check_importance(plan: Plan, importance: Importance | None) -> None:
@@ -142,6 +168,8 @@ def check_importance(plan: Plan, importance: Importance | None) -> None:
 
 
 def mtp_in_source(args: ModelArgs, weight_map) -> bool:
+    if is_next(args):  # nested names (model.language_model.layers.N)
+        return next_convert.mtp_in_source(args, weight_map)
     prefix = f"model.layers.{args.num_hidden_layers}."
     return bool(args.num_nextn_predict_layers) and any(k.startswith(prefix) for k in weight_map)
 
@@ -160,6 +188,9 @@ def pieces(item: Item, source: Source, args: ModelArgs, importance: Importance |
         step = max(1, block_elems // width)
         for a in range(0, rows, step):
             yield a, source.read(t.name, (a, min(rows, a + step))), None
+        return
+    if is_next(args) and t.name.endswith(".self_attn.conv1d.weight"):  # q/k/v_conv1d joined (small)
+        yield 0, next_convert.conv_weight(source, item.sources), None
         return
     if t.name.endswith((".embed_q.weight", ".unembed_out.weight")):
         N, H, C = args.qk_nope_head_dim, args.num_attention_heads, args.kv_lora_rank
@@ -224,6 +255,9 @@ def write_metadata(src: Path, dst: Path, plan: Plan, fp: dict, importance: Impor
         config = with_dtype(config, dtype)
     config.pop("quantization_config", None)  # the source's (e.g. FP8) scheme no longer applies
     config.pop("quantization", None)
+    if isinstance(config.get("text_config"), dict):  # glm5_next: the language model's own copy
+        config["text_config"] = {k: v for k, v in config["text_config"].items()
+                                 if k not in ("quantization_config", "quantization")}
     q = quantization_config(plan.args, plan.recipe, plan.mtp)
     if q is not None:
         config["quantization"] = config["quantization_config"] = q  # mlx-lm writes both
@@ -278,6 +312,7 @@ class Result:
     plan: Plan
     written: list[str]  # shards written by this run (the rest were already there)
     tensor_bytes: int
+    notes: list[str] = dataclasses.field(default_factory=list)  # e.g. a glm5_next source's vision tensors, skipped
 
 
 def importance_key(text: bytes, params: dict) -> str:
@@ -302,12 +337,14 @@ def convert(src, dst, recipe: Recipe, *, importance: Importance | None = None, i
     recipe = dataclasses.replace(recipe, method=method or recipe.method)  # recipe.json records the rounding
     method = recipe.method
     source = open_source(Path(src)) if fetcher is None else fetcher.source
-    args = ModelArgs.from_dict(with_dtype(source.config, dtype))
-    plan = make_plan(args, recipe, mtp_in_source(args, source.weight_map), shard_size, mlx_layout=source.mlx_layout)
+    args = source_args(source.config, dtype)
+    names = source_naming(args, source)
+    plan = make_plan(args, recipe, mtp_in_source(args, source.weight_map), shard_size, mlx_layout=source.mlx_layout,
+                     names=names)
     if source.mlx_layout and any(it.fmt is not None for s in plan.shards for it in s.items):
         raise ConvertError(f"{source.folder} is already an MLX-quantized checkpoint",
                            "Pass --dequantize to write it unquantized, or convert from the original HF checkpoint (BF16 or FP8).")
-    check_source(source, plan)
+    notes = check_source(source, plan, names)
     check_importance(plan, importance)
     fp = fingerprint(source, plan, method, importance_id, block_elems, fetcher.origin if fetcher else None)
     if plan.dtype != _DTYPES[config_dtype(source.config)]:  # the same shards in another dtype: other bytes
@@ -341,7 +378,7 @@ def convert(src, dst, recipe: Recipe, *, importance: Importance | None = None, i
     if fetcher is not None:
         fetcher.cleanup()
     shutil.rmtree(dst / WORK, ignore_errors=True)
-    return Result(dst, plan, written, total)
+    return Result(dst, plan, written, total, notes)
 
 
 def shard_sources(shard: Shard, source: Source) -> set[str]:

@@ -6,7 +6,8 @@ convolution, dt_bias, A_log and the hyper-connections' base/scale are float32).
 Differences, all how the checkpoint and the MLX model (glm_mlx/model/glm5_next.py) hold the same parameters:
   - the KDA forget gate's f_a_proj, f_b_proj, dt_bias and A_log sit on `self_attn` (the checkpoint's
     names; the reference renames them into `self_attn.forget_gate.`);
-  - the KDA conv1d weight: MLX's Conv1d layout is [C, K, 1], the reference's [C, 1, K] (same bytes);
+  - the KDA conv1d weight is listed in MLX's layout [3 x linear_dim, K, 1] (the reference's conv1d is
+    [C, 1, K]; the checkpoint stores q/k/v_conv1d [linear_dim, 1, K] each: the same elements);
   - routed experts: the reference's `mlp.experts.gate_up_proj` [E, 2 x moe_inter, h] and
     `mlp.experts.down_proj` [E, h, moe_inter] are `mlp.switch_mlp.{gate,up,down}_proj.weight`
     (mlx-lm's SwitchGLU: gate and up split, quantized along the hidden dim alike);
@@ -66,7 +67,7 @@ def _kda(add, args: NextArgs, p: str, l: int):
     h, Q, H, K = args.hidden_size, args.linear_dim, args.linear_num_heads, args.linear_head_dim
     for proj in ("q_proj", "k_proj", "v_proj"):
         add(f"{p}.{proj}.weight", (Q, h), ATTN, l, True)
-    add(f"{p}.conv1d.weight", (3 * Q, 1, args.linear_conv_kernel_dim), ATTN, l, dtype_bytes=F32)  # depthwise
+    add(f"{p}.conv1d.weight", (3 * Q, args.linear_conv_kernel_dim, 1), ATTN, l, dtype_bytes=F32)  # depthwise, MLX layout
     add(f"{p}.f_a_proj.weight", (K, h), ATTN, l, True)
     add(f"{p}.f_b_proj.weight", (Q, K), ATTN, l, True)
     add(f"{p}.dt_bias", (Q,), ATTN, l, dtype_bytes=F32)

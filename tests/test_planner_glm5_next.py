@@ -64,6 +64,8 @@ def _mlx_names(flash, name: str, shape: tuple) -> dict[str, tuple]:
         return {p + "gate_proj.weight": (E, m, shape[-1]), p + "up_proj.weight": (E, m, shape[-1])}
     if name.endswith("mlp.experts.down_proj"):
         return {name.replace("experts.down_proj", "switch_mlp.down_proj.weight"): shape}
+    if name.endswith("conv1d.weight"):  # MLX's Conv1d layout [C, K, 1]: the same elements
+        return {name: (shape[0], shape[2], shape[1])}
     if name.endswith("kv_b_proj.weight"):
         p = name.removesuffix("kv_b_proj.weight")
         return {p + "embed_q.weight": (H, flash.kv_lora_rank, flash.qk_nope_head_dim),
@@ -276,7 +278,7 @@ def test_inventory_and_cache_match_the_mlx_model(flash):
     """Names and shapes of the MLX model's parameters (MTP block included) are the inventory's; dtypes too
     once cast as its loader casts (index_kpool_compress: the runtime keeps what the checkpoint stores,
     priced at the model dtype). Conv weights: MLX's Conv1d layout [C, K, 1], the same elements as the
-    reference's [C, 1, K]. The planner's cache contract is the runtime's analytic one."""
+    reference's [C, 1, K], as the inventory lists it. The planner's cache contract is the runtime's analytic one."""
     runtime = pytest.importorskip("glm_mlx.model.glm5_next")
     from glm_mlx.model.glm5_next_config import Glm5NextArgs
     from mlx.utils import tree_flatten
@@ -289,8 +291,7 @@ def test_inventory_and_cache_match_the_mlx_model(flash):
     assert set(params) == set(inv)
     for name, t in inv.items():
         p = params[name]
-        shape = (t.shape[0], t.shape[2], t.shape[1]) if name.endswith("conv1d.weight") else t.shape
-        assert (tuple(p.shape), p.dtype.size) == (shape, t.dtype_bytes), name
+        assert (tuple(p.shape), p.dtype.size) == (t.shape, t.dtype_bytes), name
     for args in (TINY, {"model_type": "glm5_next"}):
         ours, theirs = NextArgs.from_dict(args), Glm5NextArgs.from_dict(args)
         for mtp in (True, False):

@@ -237,32 +237,43 @@ class Model(GlmModel):
 
 
 HC_RENAMES = {f"hc_{b}_{p}": f"{b}_hc.{p}" for b in ("attn", "ffn") for p in ("fn", "base", "scale")}
+VISION_PREFIXES = ("model.visual.", "visual.", "vision_tower.")
+CONV_PARTS = ("q_conv1d", "k_conv1d", "v_conv1d")  # the checkpoint's KDA convs, joined into conv1d in this order
+
+
+def checkpoint_name(k: str) -> str | None:
+    """A checkpoint tensor's name before the structural steps (conv join, expert stacking, kv_b_proj split):
+    prefix `model.language_model.` (or mlx-vlm's `language_model.`) -> `model.`, `hc_attn_fn` -> `attn_hc.fn`,
+    transformers' in-memory `self_attn.forget_gate.` -> `self_attn.`; None for a vision tower tensor.
+    The converter (quantize/next_convert.py) maps a checkpoint's names with this same function."""
+    if k.startswith(VISION_PREFIXES):
+        return None
+    if k.startswith("model.language_model."):
+        k = "model." + k[len("model.language_model."):]
+    elif k.startswith("language_model."):  # mlx-vlm's layout
+        k = k[len("language_model."):]
+    head, _, last = k.rpartition(".")
+    if last in HC_RENAMES:
+        k = f"{head}.{HC_RENAMES[last]}"
+    return k.replace(".self_attn.forget_gate.", ".self_attn.")
 
 
 def sanitize_glm5_next(args: Glm5NextArgs, weights: dict, keep_mtp: bool) -> dict:
-    """Checkpoint names -> parameter names; then GLM-5.1's sanitize (FP8 dequantization, expert
-    stacking, kv_b_proj split, MTP filtering). Idempotent on MLX conversions (already renamed)."""
+    """Checkpoint names -> parameter names (checkpoint_name); then GLM-5.1's sanitize (FP8 dequantization,
+    expert stacking, kv_b_proj split, MTP filtering). Idempotent on MLX conversions (already renamed)."""
     out, vision = {}, 0
     for k, v in weights.items():
-        if k.startswith(("model.visual.", "visual.", "vision_tower.")):
+        name = checkpoint_name(k)
+        if name is None:
             vision += 1
             continue
-        if k.startswith("model.language_model."):
-            k = "model." + k[len("model.language_model."):]
-        elif k.startswith("language_model."):  # mlx-vlm's layout
-            k = k[len("language_model."):]
-        head, _, last = k.rpartition(".")
-        if last in HC_RENAMES:
-            k = f"{head}.{HC_RENAMES[last]}"
-        if ".self_attn.forget_gate." in k:  # transformers' in-memory names
-            k = k.replace(".self_attn.forget_gate.", ".self_attn.")
-        out[k] = v
+        out[name] = v
     if vision:
         warnings.warn(f"skipped {vision} vision tower tensors: glm-mlx runs GLM-5.3-Flash's text path "
                       "(images are not supported yet)", stacklevel=3)
     for k in [k for k in out if k.endswith(".self_attn.q_conv1d.weight")]:
         pre = k[: -len("q_conv1d.weight")]
-        parts = [out.pop(f"{pre}{c}_conv1d.weight") for c in "qkv"]
+        parts = [out.pop(f"{pre}{c}.weight") for c in CONV_PARTS]
         out[f"{pre}conv1d.weight"] = mx.concatenate(parts, axis=0)  # 3 x [HD, 1, K] -> [3HD, 1, K]
     for k, v in out.items():
         if k.endswith(".conv1d.weight") and v.ndim == 3 and v.shape[1] == 1 and v.shape[2] != 1:
