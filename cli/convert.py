@@ -60,9 +60,9 @@ def _choose_recipe(args, mtp, importance, recipe_file, bits, mode, group_size, t
 def _importance(calibration: Path, source_folder: Path, dst: Path, stream: bool, max_tokens: int, force: bool):
     """(Importance, id): a saved imatrix (.safetensors), or a calibration pass over a text file
     (cached in the output's work folder, so a resumed conversion does not calibrate again)."""
+    from glm_mlx.model.glm5_next_config import is_glm5_next
     from glm_mlx.quantize.converter import WORK, importance_key
     from glm_mlx.quantize.imatrix import Importance, calibrate
-    from glm_mlx.quantize.next_convert import is_next_config
     from glm_mlx.quantize.next_imatrix import calibrate_next
     from glm_mlx.quantize.source import Source
 
@@ -98,7 +98,7 @@ def _importance(calibration: Path, source_folder: Path, dst: Path, stream: bool,
         raise GlmMlxError(f"calibration file {calibration} is empty")
     stderr.print(f"Calibrating on {len(ids):,} tokens of {calibration.name} (one layer in memory at a time)")
     source = Source(source_folder)  # GLM-5.3-Flash: through its own blocks (hyper-connections, KDA)
-    imp = (calibrate_next if is_next_config(source.config) else calibrate)(source, chunks)
+    imp = (calibrate_next if is_glm5_next(source.config) else calibrate)(source, chunks)
     cached.parent.mkdir(parents=True, exist_ok=True)
     imp.save(cached)
     return imp, key
@@ -230,7 +230,7 @@ def convert(
     if kind == "mlx" and not dequantize:
         raise converter.ConvertError(f"{src} is already an MLX-quantized checkpoint",
                                      "Pass --dequantize to write it unquantized, or convert from the original HF checkpoint (BF16 or FP8).")
-    args = converter.source_args(source.config, dtype)  # NextArgs for GLM-5.3-Flash (glm5_next)
+    args = converter.source_args(source.config, dtype)  # Glm5NextArgs for GLM-5.3-Flash (glm5_next)
     mtp = converter.mtp_in_source(args, source.weight_map)
     importance, imp_id = (None, None)
     if calibration is not None:

@@ -28,13 +28,13 @@ import mlx.core as mx
 from glm_mlx import atomic
 from glm_mlx.disk import check_writable, fmt_bytes, free_bytes
 from glm_mlx.model.config import ModelArgs, config_dtype
-from glm_mlx.model.checkpoint import INDEX_FILE
+from glm_mlx.model.checkpoint import INDEX_FILE, config_args
 
 from . import next_convert
 from .imatrix import Importance
 from .inventory import Tensor, inventory
 from .conversion_plan import Item, Plan, Shard
-from .next_args import is_next
+from .next_prices import is_next
 from .output_dir import (MANIFEST, MANIFEST_FORMAT, TOKENIZER_FILES, WORK, ConvertError, check_paths,
                          fingerprint, prepare_output, write_plan)
 from .planner import price
@@ -82,9 +82,9 @@ def with_dtype(config: dict, dtype: str | None) -> dict:
 
 
 def source_args(config: dict, dtype: str | None = None):
-    """The planner's args for a source's config.json: NextArgs for GLM-5.3-Flash (glm5_next), else ModelArgs."""
-    config = with_dtype(config, dtype)
-    return next_convert.plan_args(config) if next_convert.is_next_config(config) else ModelArgs.from_dict(config)
+    """The args for a source's config.json (the model's reading): Glm5NextArgs for GLM-5.3-Flash (glm5_next),
+    else ModelArgs."""
+    return config_args(with_dtype(config, dtype))
 
 
 def source_naming(args, source: Source):

@@ -8,22 +8,21 @@ smaller GLM fits a Mac that cannot hold the one asked for.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
 from glm_mlx.errors import ConfigError, GlmMlxError
-from glm_mlx.model.config import ModelArgs
+from glm_mlx.model.checkpoint import config_args
+from glm_mlx.model.config import read_config_json
 
 from .macs import Mac
-from .next_args import MODEL_TYPE as NEXT, NextArgs, config_model_type
 
 # name -> (label, config file in glm_mlx/data)
 EMBEDDED = {"glm-5.1": ("GLM-5.1", "glm-5.1-config.json"),
             "glm-5.3-flash": ("GLM-5.3-Flash", "glm-5.3-flash-config.json")}
 ALIASES = {"glm5.1": "glm-5.1", "glm-5-1": "glm-5.1", "glm5.3-flash": "glm-5.3-flash", "glm-5.3flash": "glm-5.3-flash",
-           "glm-5-3-flash": "glm-5.3-flash", "flash": "glm-5.3-flash", NEXT: "glm-5.3-flash", "glm_moe_dsa": "glm-5.1"}
+           "glm-5-3-flash": "glm-5.3-flash", "flash": "glm-5.3-flash", "glm5_next": "glm-5.3-flash", "glm_moe_dsa": "glm-5.1"}
 
 
 def embedded_name(text: str | None) -> str | None:
@@ -35,19 +34,13 @@ def embedded_name(text: str | None) -> str | None:
 
 
 def args_from_dict(config: dict):
-    """ModelArgs for glm_moe_dsa, NextArgs for glm5_next (a flat or a text_config-nested config.json)."""
-    return NextArgs.from_dict(config) if config_model_type(config) == NEXT else ModelArgs.from_dict(config)
+    """ModelArgs for glm_moe_dsa, Glm5NextArgs for glm5_next (a flat or a text_config-nested config.json):
+    the model's own reading (glm_mlx.model.checkpoint.config_args)."""
+    return config_args(config)
 
 
 def args_from_file(path: str | Path):
-    path = Path(path)
-    path = path / "config.json" if path.is_dir() else path
-    if not path.exists():
-        raise ConfigError(f"no config.json at {path}", "Pass a checkpoint folder or a config.json file.")
-    try:
-        return args_from_dict(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    return config_args(read_config_json(path))
 
 
 def embedded_args(name: str):

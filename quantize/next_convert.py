@@ -22,34 +22,10 @@ import mlx.core as mx
 from glm_mlx.model.glm5_next import CONV_PARTS, HC_RENAMES, checkpoint_name
 from glm_mlx.model.glm5_next_config import Glm5NextArgs
 
-from .next_args import MODEL_TYPE, NextArgs, config_model_type
 from .output_dir import ConvertError
 from .pricing import Tensor
 
-# What the planner's NextArgs and the model's Glm5NextArgs must read alike from one config.json: every
-# field the inventory's names and shapes depend on. They differ (say a schedule one derives and the
-# other does not) -> the conversion is refused rather than written for a model that would not load it.
-SHARED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-                 "num_attention_heads", "n_shared_experts", "n_routed_experts", "kv_lora_rank", "q_lora_rank",
-                 "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "attention_bias", "index_head_dim",
-                 "index_n_heads", "index_kpool", "linear_num_heads", "linear_head_dim", "linear_conv_kernel_dim",
-                 "hc_mult", "num_nextn_predict_layers", "layer_types", "mlp_layer_types", "indexer_types")
 _HF_HC = {v: k for k, v in HC_RENAMES.items()}  # attn_hc.fn -> hc_attn_fn
-
-
-def is_next_config(config: dict) -> bool:
-    return config_model_type(config) == MODEL_TYPE or config.get("model_type") == MODEL_TYPE + "_text"
-
-
-def plan_args(config: dict) -> NextArgs:
-    """The planner's view of a glm5_next config.json, checked against the model's (Glm5NextArgs)."""
-    args, model = NextArgs.from_dict(config), Glm5NextArgs.from_dict(config)
-    for key in SHARED_FIELDS:
-        ours, theirs = getattr(args, key), getattr(model, key)
-        if ours != theirs:
-            raise ConvertError(f"config.json: the planner reads {key}={ours!r} but the model {theirs!r}",
-                               "Write the value out explicitly in config.json (text_config) and convert again.")
-    return args
 
 
 def hf_name(name: str) -> str:
@@ -91,7 +67,7 @@ class NextNames:
         return [self.source(n) for n in generic]
 
 
-def mtp_in_source(args: NextArgs, weight_map) -> bool:
+def mtp_in_source(args: Glm5NextArgs, weight_map) -> bool:
     prefix = f"model.layers.{args.num_hidden_layers}."
     return bool(args.num_nextn_predict_layers) and any((checkpoint_name(k) or "").startswith(prefix) for k in weight_map)
 

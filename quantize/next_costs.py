@@ -11,25 +11,25 @@ At the default 2,048-token chunk it is ~1-2 GB, small beside the weights.
 from __future__ import annotations
 
 from glm_mlx.model import attention
+from glm_mlx.model.glm5_next_config import Glm5NextArgs
 
-from .pricing import model_dtype_bytes
-from .next_args import NextArgs, is_next
-from .pricing import IN_FLIGHT, SCORE_BYTES, cache_tokens
+from .next_prices import is_next, selected_tokens
+from .pricing import IN_FLIGHT, SCORE_BYTES, cache_tokens, model_dtype_bytes
 
 FLA_CHUNK = 64  # KDA's chunked form works on blocks of 64 tokens (FLA's chunk size, as the reference)
 
 
-def _pools(args: NextArgs, T: int) -> int:
+def _pools(args: Glm5NextArgs, T: int) -> int:
     return -(-T // args.index_kpool)
 
 
-def next_working_set(args: NextArgs, context: int, mtp: bool = True, prefill_chunk: int = 2048) -> dict[str, int]:
+def next_working_set(args: Glm5NextArgs, context: int, mtp: bool = True, prefill_chunk: int = 2048) -> dict[str, int]:
     """Transient bytes of the last prefill chunk, with the keys of working_set.working_set.
     c = tokens per chunk, T = context, P = indexer pools (T / index_kpool), k = keys a query selects."""
     a, c, T = model_dtype_bytes(args), min(prefill_chunk, max(context, 1)), max(context, 1)
     d, n, E, I = args.hidden_size, args.hc_mult, args.n_routed_experts, args.moe_intermediate_size
     H, C, R, N, V = args.num_attention_heads, args.kv_lora_rank, args.qk_rope_head_dim, args.qk_nope_head_dim, args.v_head_dim
-    h, D, P, k = args.index_n_heads, args.index_head_dim, _pools(args, T), args.selected_tokens
+    h, D, P, k = args.index_n_heads, args.index_head_dim, _pools(args, T), selected_tokens(args)
     Q, Hk, K = args.linear_dim, args.linear_num_heads, args.linear_head_dim
     CR, f = C + R, SCORE_BYTES
     dsa_row = max(args.layer_bytes_per_token(l, a) for l in args.layers(mtp))
@@ -73,29 +73,30 @@ def next_working_set(args: NextArgs, context: int, mtp: bool = True, prefill_chu
     return ws
 
 
-def next_kv_read_bytes(args: NextArgs, position: int, dtype_bytes: int = 2) -> int:
+def next_kv_read_bytes(args: Glm5NextArgs, position: int, dtype_bytes: int = 2) -> int:
     """Cache bytes one decode step reads at `position` (decoder layers, not the MTP block): per DSA layer
     min(position, k) latent rows and, once there are more pools than the top-k, every pooled key; per
     KDA layer its state, read and written back."""
     L = range(args.num_hidden_layers)
-    rows = min(position, args.selected_tokens) * args.latent_bytes_per_token(dtype_bytes) * sum(args.is_dsa(l) for l in L)
+    dsa = sum(args.is_indexed(l) for l in L)
+    rows = min(position, selected_tokens(args)) * args.latent_bytes_per_token(dtype_bytes) * dsa
     pooled = 0
     if position > args.index_topk:
         own = sum(args.has_indexer(l) for l in L)
         pooled = own * _pools(args, position) * args.index_head_dim * dtype_bytes
-    kda = sum(not args.is_dsa(l) for l in L) * 2 * args.kda_state_bytes(dtype_bytes)
+    kda = 2 * args.kda_state_bytes(dtype_bytes)
     return rows + pooled + kda
 
 
-def next_attention_flops(args: NextArgs, n: int) -> float:
+def next_attention_flops(args: Glm5NextArgs, n: int) -> float:
     """Sum over prompt positions 1..n of attention flops (closed forms): DSA attends min(p, k) keys and
     its indexer scores p / index_kpool pools past index_topk; KDA costs a constant per token (the delta
     rule's state update and read, ~8 x heads x K^2)."""
-    S, T, kp = args.selected_tokens, args.index_topk, args.index_kpool
+    S, T, kp = selected_tokens(args), args.index_topk, args.index_kpool
     keys = n * (n + 1) / 2 if n <= S else S * (S + 1) / 2 + (n - S) * S
     past = (n * (n + 1) - T * (T + 1)) / 2 / kp if n > T else 0
     L = range(args.num_hidden_layers)
-    dsa, own = sum(args.is_dsa(l) for l in L), sum(args.has_indexer(l) for l in L)
+    dsa, own = sum(args.is_indexed(l) for l in L), sum(args.has_indexer(l) for l in L)
     H, K = args.num_attention_heads, args.linear_head_dim
     return (2 * H * (args.qk_head_dim + args.v_head_dim) * keys * dsa
             + 2 * args.index_n_heads * args.index_head_dim * past * own
@@ -105,9 +106,9 @@ def next_attention_flops(args: NextArgs, n: int) -> float:
 def next_assumptions(args, mtp: bool) -> list[str]:
     if not is_next(args):
         return []
-    return [f"GLM-5.3-Flash: KV cache in the {sum(args.is_dsa(l) for l in args.layers(mtp))} DSA layers only (latent + "
-            f"indexer keys); the {sum(not args.is_dsa(l) for l in args.layers(mtp))} KDA layers hold "
-            f"{args.state_bytes(2, mtp) / 1e6:.0f} MB per sequence whatever the context. Working set estimated "
+    return [f"GLM-5.3-Flash: KV cache in the {sum(args.is_indexed(l) for l in args.layers(mtp))} DSA layers only (latent + "
+            f"indexer keys); the {sum(not args.is_indexed(l) for l in args.layers(mtp))} KDA layers hold "
+            f"{args.kda_state_bytes(2) / 1e6:.0f} MB per sequence whatever the context. Working set estimated "
             "(no MLX runtime measured yet). Speeds use GLM-5.1's fitted efficiencies: read decode as an upper bound "
             "(the one published GLM-5.3-Flash run, ds4's Q4_K on an M3 Ultra, decodes 21.1 tok/s where this model "
             "says ~38 at 4.5 bits/weight)."]

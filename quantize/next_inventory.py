@@ -21,13 +21,14 @@ a MoE block, input/post-attention norms and shared_head.norm; no hyper-connectio
 
 from __future__ import annotations
 
+from glm_mlx.model.glm5_next_config import Glm5NextArgs
+
 from .pricing import ATTN, DENSE, EMBED, HC, INDEXER, MTP, NORMS, ROUTED, ROUTER, SHARED, Tensor, model_dtype_bytes
-from .next_args import NextArgs
 
 F32 = 4
 
 
-def next_inventory(args: NextArgs, mtp: bool = True) -> list[Tensor]:
+def next_inventory(args: Glm5NextArgs, mtp: bool = True) -> list[Tensor]:
     db = model_dtype_bytes(args)
     out: list[Tensor] = []
 
@@ -44,7 +45,7 @@ def next_inventory(args: NextArgs, mtp: bool = True) -> list[Tensor]:
             add(f"{p}.hnorm.weight", (h,), NORMS, l)
             add(f"{p}.eh_proj.weight", (h, 2 * h), MTP, l, quantizable=True)
             add(f"{p}.shared_head.norm.weight", (h,), NORMS, l)
-        if args.is_dsa(l):
+        if args.is_indexed(l):
             _dsa(add, args, p + ".self_attn", l)
         else:
             _kda(add, args, p + ".self_attn", l)
@@ -62,7 +63,7 @@ def next_inventory(args: NextArgs, mtp: bool = True) -> list[Tensor]:
     return out
 
 
-def _kda(add, args: NextArgs, p: str, l: int):
+def _kda(add, args: Glm5NextArgs, p: str, l: int):
     """Kimi Delta Attention (Glm5NextTextLinearAttention)."""
     h, Q, H, K = args.hidden_size, args.linear_dim, args.linear_num_heads, args.linear_head_dim
     for proj in ("q_proj", "k_proj", "v_proj"):
@@ -79,7 +80,7 @@ def _kda(add, args: NextArgs, p: str, l: int):
     add(f"{p}.o_proj.weight", (h, Q), ATTN, l, True)
 
 
-def _dsa(add, args: NextArgs, p: str, l: int):
+def _dsa(add, args: Glm5NextArgs, p: str, l: int):
     """MLA without RoPE plus the pooled-key indexer (Glm5NextTextAttention, Glm5NextTextIndexer)."""
     h, H, q, kv, rope = args.hidden_size, args.num_attention_heads, args.q_lora_rank, args.kv_lora_rank, args.qk_rope_head_dim
     bias = args.attention_bias
@@ -108,7 +109,7 @@ def _dsa(add, args: NextArgs, p: str, l: int):
         add(f"{i}.index_kpool_compress_gate", (d, h), INDEXER, l)
 
 
-def _mlp(add, args: NextArgs, p: str, l: int):
+def _mlp(add, args: Glm5NextArgs, p: str, l: int):
     h = args.hidden_size
     if l < args.num_hidden_layers and args.mlp_layer_types[l] != "sparse":
         i = args.intermediate_size

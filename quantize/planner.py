@@ -23,7 +23,7 @@ from glm_mlx.distributed.split import split_layers
 from .allocate import LADDER, BudgetError, allocate, error_of
 from .inventory import ROUTED, inventory, model_dtype_bytes
 from .macs import GiB, Mac, get_mac, sysctl_command
-from .next_args import is_next, layer_cache_bytes, state_bytes
+from .next_prices import is_next, layer_cache_bytes, state_bytes
 from .next_costs import next_assumptions
 from .recipe import Recipe, default_recipe, resolve
 from .working_set import cache_tokens, working_set, working_set_bytes

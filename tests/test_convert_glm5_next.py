@@ -22,12 +22,13 @@ from glm5_next_convert_fixtures import make_next_source
 from mlx.utils import tree_flatten
 
 from glm_mlx import load_model
+from glm_mlx.errors import ConfigError
 from glm_mlx.model.glm5_next import Model
 from glm_mlx.model.glm5_next_config import Glm5NextArgs
-from glm_mlx.quantize.converter import ConvertError, convert, make_plan, source_args
+from glm_mlx.quantize.converter import convert, make_plan, source_args
 from glm_mlx.quantize.imatrix import collect
 from glm_mlx.quantize.inventory import inventory
-from glm_mlx.quantize.next_convert import NextNames, hf_name, plan_args
+from glm_mlx.quantize.next_convert import NextNames, hf_name
 from glm_mlx.quantize.next_imatrix import calibrate_next
 from glm_mlx.quantize.planner import price
 from glm_mlx.quantize.recipe import Recipe, default_recipe
@@ -107,14 +108,15 @@ def test_names_without_a_source_are_the_references(bf16):
     assert NextNames(names).source("model.layers.0.attn_hc.fn") == "model.language_model.layers.0.hc_attn_fn"
 
 
-def test_planner_and_model_must_read_the_config_alike():
-    """A schedule the model derives (index_topk_pattern) and the planner would not: refused, not mis-planned."""
+def test_the_planner_reads_the_config_as_the_model_does():
+    """One reader: a schedule the model derives (index_topk_pattern) is the one the converter plans."""
     text = {"num_hidden_layers": 4, "layer_types": ["linear_attention"] * 2 + ["indexed_attention"] * 2,
             "index_topk_pattern": "FFFS", "mlp_layer_types": ["dense"] + ["sparse"] * 3}
-    with pytest.raises(ConvertError, match="indexer_types"):
-        plan_args({"model_type": "glm5_next", "text_config": text})
-    ok = plan_args({"model_type": "glm5_next", "text_config": {**text, "indexer_types": ["full"] * 3 + ["shared"]}})
-    assert ok.indexer_types[3] == "shared"
+    args = source_args({"model_type": "glm5_next", "text_config": text})
+    assert isinstance(args, Glm5NextArgs) and args.indexer_types == ["full"] * 3 + ["shared"]
+    assert [args.has_indexer(l) for l in range(5)] == [False, False, True, False, True]  # layer 4: MTP
+    with pytest.raises(ConfigError, match="indexer_types"):  # a shared layer after a KDA layer: refused
+        source_args({"model_type": "glm5_next", "text_config": {**text, "index_topk_pattern": "FFSF"}})
 
 
 # --- quantized: the planner's bytes, mx.quantize's values ---------------------------------------------------

@@ -19,8 +19,9 @@ from glm_mlx.quantize.inventory import HC, MTP, ROUTED, inventory, param_count, 
 from glm_mlx.quantize.macs import get_mac
 from glm_mlx.errors import ConfigError
 from glm_mlx.model.config import ModelArgs
+from glm_mlx.model.glm5_next_config import Glm5NextArgs
 from glm_mlx.quantize.models import args_from_file, embedded_args, smaller_that_fits
-from glm_mlx.quantize.next_args import NextArgs
+from glm_mlx.quantize.next_prices import state_bytes
 from glm_mlx.quantize.planner import best_recipe_for, glm51_args, plan, plan_pipeline, price
 from glm_mlx.quantize.recipe import Recipe, default_recipe, resolve
 from glm_mlx.quantize.serving import serving_plan
@@ -30,7 +31,7 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def flash() -> NextArgs:
+def flash() -> Glm5NextArgs:
     return embedded_args("glm-5.3-flash")[0]
 
 
@@ -80,7 +81,7 @@ def test_config_reproduces_the_published_facts(flash, reference):
     assert flash.num_hidden_layers == 45 and flash.num_nextn_predict_layers == 1
     assert (flash.n_routed_experts, flash.num_experts_per_tok, flash.n_shared_experts) == (288, 8, 1)
     assert flash.layer_types.count("linear_attention") == 34 and flash.layer_types.count("indexed_attention") == 11
-    assert all(flash.is_dsa(l) == (l % 4 == 3) for l in range(45)) and flash.qk_rope_head_dim == 0
+    assert all(flash.is_indexed(l) == (l % 4 == 3) for l in range(45)) and flash.qk_rope_head_dim == 0
     vision = sum(math.prod(s) for n, (s, _) in reference["params"].items() if ".visual." in n)
     total = param_count(inventory(flash, mtp=True)) + vision
     assert total == pytest.approx(321.3e9, rel=1e-3)  # 321.22B: 0.03% under the published 321.3B
@@ -95,11 +96,11 @@ def test_config_loads_nested_and_by_name(tmp_path):
               "vision_config": {"depth": 24}}
     (tmp_path / "config.json").write_text(json.dumps(nested))
     a = args_from_file(tmp_path)
-    assert isinstance(a, NextArgs) and a.num_hidden_layers == 8 and a.layer_types[3] == "indexed_attention"
+    assert isinstance(a, Glm5NextArgs) and a.num_hidden_layers == 8 and a.layer_types[3] == "indexed_attention"
     assert isinstance(embedded_args("GLM-5.1")[0], ModelArgs)
-    assert isinstance(embedded_args("glm5_next")[0], NextArgs) and embedded_args("GLM-5.3-Flash")[1] == "GLM-5.3-Flash"
+    assert isinstance(embedded_args("glm5_next")[0], Glm5NextArgs) and embedded_args("GLM-5.3-Flash")[1] == "GLM-5.3-Flash"
     with pytest.raises(ConfigError):
-        NextArgs.from_dict({"qk_rope_head_dim": 64})
+        Glm5NextArgs.from_dict({"model_type": "glm5_next", "qk_rope_head_dim": 64})
 
 
 # --- the inventory -----------------------------------------------------------------------------------
@@ -181,10 +182,10 @@ def test_kv_is_dsa_only_and_the_kda_state_is_constant(flash):
     # 11 DSA layers + the MTP block: latent 512 x 2 B, indexer key + pool gate 2 x 128 x 2 B, pooled keys 128 x 2 B / 16
     assert flash.cache_bytes_per_token(2, mtp=True) == 12 * (512 * 2 + 512 + 16)
     # 34 KDA layers: conv window 3 x 3 x 8192 bf16 + delta-rule state 64 x 128 x 128 float32
-    assert flash.state_bytes(2, mtp=True) == 34 * (3 * 3 * 8192 * 2 + 64 * 128 * 128 * 4)
+    assert state_bytes(flash, 2, mtp=True) == flash.kda_state_bytes(2) == 34 * (3 * 3 * 8192 * 2 + 64 * 128 * 128 * 4)
     mac = get_mac("m3-ultra-256")
     a, b = plan(flash, default_recipe(), mac, 8192), plan(flash, default_recipe(), mac, 65536)
-    assert a.state_bytes == b.state_bytes == flash.state_bytes(2, mtp=True)
+    assert a.state_bytes == b.state_bytes == flash.kda_state_bytes(2)
     assert b.kv_bytes - a.kv_bytes == a.kv_bytes_per_token * (cache_tokens(65536) - cache_tokens(8192))
     assert a.total_bytes == a.weights_bytes + a.kv_bytes + a.working_set_bytes
     s = serving_plan(b)
@@ -193,15 +194,16 @@ def test_kv_is_dsa_only_and_the_kda_state_is_constant(flash):
 
 def test_kv_matches_real_cache_arrays(flash):
     """The contract priced on real MLX arrays of the cached shapes for 4,096 tokens of one sequence."""
-    T, dsa = 4096, [l for l in flash.layers(True) if flash.is_dsa(l)]
+    T, dsa = 4096, [l for l in flash.layers(True) if flash.is_indexed(l)]
     per_layer = [mx.zeros((1, 1, T, flash.kv_lora_rank), mx.bfloat16),  # latent rows (NoPE: no rope key)
                  mx.zeros((1, T, 2 * flash.index_head_dim), mx.bfloat16),  # indexer keys and pool gates
                  mx.zeros((1, T // flash.index_kpool, flash.index_head_dim), mx.bfloat16)]  # pooled keys
     state = [mx.zeros((1, flash.linear_conv_kernel_dim - 1, 3 * flash.linear_dim), mx.bfloat16),
              mx.zeros((1, flash.linear_num_heads, flash.linear_head_dim, flash.linear_head_dim), mx.float32)]
-    kda = sum(not flash.is_dsa(l) for l in flash.layers(True))
+    kda = sum(not flash.is_indexed(l) for l in flash.layers(True))
     assert len(dsa) * sum(x.nbytes for x in per_layer) == flash.cache_bytes_per_token(2, True) * T
-    assert kda * sum(x.nbytes for x in state) == sum(flash.kda_state_bytes(2) for l in range(kda))
+    assert kda * sum(x.nbytes for x in state) == flash.kda_state_bytes(2)
+    assert all(flash.layer_state_bytes(l, 2) == sum(x.nbytes for x in state) for l in range(45) if not flash.is_indexed(l))
 
 
 def test_working_set_is_small_and_grows_with_the_context(flash):
@@ -278,22 +280,17 @@ def test_inventory_and_cache_match_the_mlx_model(flash):
     """Names and shapes of the MLX model's parameters (MTP block included) are the inventory's; dtypes too
     once cast as its loader casts (index_kpool_compress: the runtime keeps what the checkpoint stores,
     priced at the model dtype). Conv weights: MLX's Conv1d layout [C, K, 1], the same elements as the
-    reference's [C, 1, K], as the inventory lists it. The planner's cache contract is the runtime's analytic one."""
+    reference's [C, 1, K], as the inventory lists it. (The planner reads the config with the runtime's own
+    Glm5NextArgs, so its cache contract is the runtime's analytic one by construction.)"""
     runtime = pytest.importorskip("glm_mlx.model.glm5_next")
-    from glm_mlx.model.glm5_next_config import Glm5NextArgs
     from mlx.utils import tree_flatten
 
     model = runtime.Model(Glm5NextArgs.from_dict(TINY), mtp=True)
     cast = model.cast_predicate
     params = {k: v.astype(mx.bfloat16) if cast(k) or "index_kpool_compress" in k else v
               for k, v in tree_flatten(model.parameters())}
-    inv = {t.name: t for t in inventory(NextArgs.from_dict(TINY), mtp=True)}
+    inv = {t.name: t for t in inventory(Glm5NextArgs.from_dict(TINY), mtp=True)}
     assert set(params) == set(inv)
     for name, t in inv.items():
         p = params[name]
         assert (tuple(p.shape), p.dtype.size) == (t.shape, t.dtype_bytes), name
-    for args in (TINY, {"model_type": "glm5_next"}):
-        ours, theirs = NextArgs.from_dict(args), Glm5NextArgs.from_dict(args)
-        for mtp in (True, False):
-            assert ours.cache_bytes_per_token(2, mtp) == theirs.cache_bytes_per_token(2, mtp)
-        assert ours.state_bytes(2, mtp=True) == theirs.kda_state_bytes(2)

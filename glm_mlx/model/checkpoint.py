@@ -61,13 +61,7 @@ class Checkpoint:
     @cached_property
     def args(self):
         """The config's arguments: Glm5NextArgs for GLM-5.3-Flash (glm5_next), else ModelArgs."""
-        if self.model_type in ("glm5_next", "glm5_next_text"):
-            from .glm5_next_config import Glm5NextArgs
-
-            return Glm5NextArgs.from_dict(self.config)
-        from .config import ModelArgs
-
-        return ModelArgs.from_dict(self.config)
+        return config_args(self.config)
 
     @property
     def model_type(self) -> str | None:
@@ -95,3 +89,15 @@ class Checkpoint:
     def tensor_names(self) -> set[str] | None:
         """Every tensor name the index lists (None without an index: the shards' headers tell)."""
         return None if self.weight_map is None else set(self.weight_map)
+
+
+def config_args(config: dict):
+    """A config.json's arguments: Glm5NextArgs for GLM-5.3-Flash (glm5_next; flat or nested under
+    text_config), else GLM-5.1's ModelArgs. The one dispatch the loader, the planner and the converter use."""
+    from .glm5_next_config import Glm5NextArgs, is_glm5_next
+
+    if is_glm5_next(config):
+        return Glm5NextArgs.from_dict(config)
+    from .config import ModelArgs
+
+    return ModelArgs.from_dict(config)

@@ -201,6 +201,7 @@ class Model(GlmModel):
 
     def __init__(self, args: Glm5NextArgs, mtp: bool | None = None):
         nn.Module.__init__(self)  # GLM-5.1's __init__ builds its own network
+        self.set_kv_cache_bits(args.kv_cache_bits)  # the planner may price one; the caches here do not build it
         self.args = args
         self.model_type = args.model_type
         self.has_mtp = bool(args.num_nextn_predict_layers) if mtp is None else mtp

@@ -5,24 +5,30 @@ The checkpoint's config is either nested (`Glm5NextConfig`: `text_config` + `vis
 `from_dict` takes both. Defaults and derived schedules (`layer_types`, `mlp_layer_types`,
 `indexer_types`, `linear_attn_config`) follow `transformers.Glm5NextTextConfig.__post_init__`.
 Unknown keys go to `extra`; values the model cannot honour raise `ConfigError` naming the key.
+This is the one reader of a glm5_next config.json: the planner and the converter (glm_mlx/quantize)
+price and name tensors from these fields and the per-layer cache sizes below.
 """
 
 from __future__ import annotations
 
-import inspect
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .config import ConfigArgs, check_kv_cache_bits, check_moe_groups, indexer_schedule, raise_bad
 
 MODEL_TYPES = ("glm5_next", "glm5_next_text")
 LINEAR, INDEXED = "linear_attention", "indexed_attention"
+STATE_BYTES = 4  # the KDA recurrent state is float32 (the reference casts it so)
+
+
+def is_glm5_next(config: dict) -> bool:
+    """Whether a config.json is GLM-5.3-Flash's (its top-level model_type, as AutoConfig dispatches)."""
+    return config.get("model_type") in MODEL_TYPES
 
 
 @dataclass
-class Glm5NextArgs:
+class Glm5NextArgs(ConfigArgs):
     model_type: str = "glm5_next"
     vocab_size: int = 154880
     hidden_size: int = 4096
@@ -68,7 +74,10 @@ class Glm5NextArgs:
     hc_sinkhorn_iters: int = 20
     index_kpool: int = 16
     index_kpool_always_select_tail: bool = True
-    num_nextn_predict_layers: int = 1
+    num_nextn_predict_layers: int = 1  # the MTP block (layer num_hidden_layers); not a reference key
+    # Not an HF key: the DSA latent as `kv_cache_bits`-bit codes, GLM-5.1's layout (config.ModelArgs). The
+    # planner prices it (`glm-mlx fit --kv-bits`); the MLX model's caches do not build it yet (Model refuses it).
+    kv_cache_bits: int | None = None
     eos_token_id: Any = None
     bos_token_id: Any = None
     pad_token_id: Any = None
@@ -79,27 +88,12 @@ class Glm5NextArgs:
     def from_dict(cls, config: dict) -> "Glm5NextArgs":
         """A config.json dict (nested with text_config, or flat) -> Glm5NextArgs."""
         config = dict(config)
-        model_type = config.get("model_type")
-        if model_type not in MODEL_TYPES:
-            raise ConfigError(f"model_type is {model_type!r}, expected 'glm5_next' (GLM-5.3-Flash)")
+        if not is_glm5_next(config):
+            raise ConfigError(f"model_type is {config.get('model_type')!r}, expected 'glm5_next' (GLM-5.3-Flash)")
         text = config.pop("text_config", None)
         if text:  # nested: text keys win; top-level quantization / eos stay
             config = {**config, **{k: v for k, v in text.items() if k != "model_type"}}
-        params = inspect.signature(cls).parameters
-        args = cls(**{k: v for k, v in config.items() if k in params and k != "extra"})
-        args.extra = {k: v for k, v in config.items() if k not in params}
-        return args
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> "Glm5NextArgs":
-        path = Path(path)
-        path = path / "config.json" if path.is_dir() else path
-        if not path.exists():
-            raise ConfigError(f"no config.json at {path}", "Pass a checkpoint folder or a config.json file.")
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        return super().from_dict(config)
 
     @classmethod
     def from_config(cls, config: "dict | str | Path") -> "Glm5NextArgs":
@@ -120,15 +114,8 @@ class Glm5NextArgs:
             self.layer_types = [LINEAR if i % 4 != 3 else INDEXED for i in range(n)]
         self.layer_types = [INDEXED if t == "full_attention" else t for t in self.layer_types]
         if self.indexer_types is None:
-            pattern = self.index_topk_pattern
-            if pattern is not None:
-                if isinstance(pattern, str) and set(pattern) - {"F", "S"}:
-                    raise ConfigError(f"index_topk_pattern={pattern!r}: only 'F' and 'S' are allowed")
-                self.indexer_types = ([{"F": "full", "S": "shared"}[c] for c in pattern] if isinstance(pattern, str)
-                                      else list(pattern))
-            else:
-                freq, off = max(int(self.index_topk_freq or 1), 1), int(self.index_skip_topk_offset)
-                self.indexer_types = ["full" if max(i - off + 1, 0) % freq == 0 else "shared" for i in range(n)]
+            self.indexer_types = indexer_schedule(n, self.index_topk_pattern, self.index_topk_freq,
+                                                  self.index_skip_topk_offset)
         if self.linear_attn_config:
             d = self.linear_attn_config
             self.linear_head_dim = d.get("head_dim", self.linear_head_dim)
@@ -139,9 +126,7 @@ class Glm5NextArgs:
                 self.linear_lower_bound = -5.0
 
     def _validate(self):
-        def bad(key, value, why):
-            raise ConfigError(f"{key}={value!r}: {why}")
-
+        bad = raise_bad
         n = self.num_hidden_layers
         for key in ("layer_types", "mlp_layer_types", "indexer_types"):
             if len(getattr(self, key)) != n:
@@ -170,18 +155,15 @@ class Glm5NextArgs:
             bad("index_kpool_always_select_tail", False, "only True is supported")
         if self.hidden_act != "silu":
             bad("hidden_act", self.hidden_act, "only 'silu' is supported")
-        if "sparse" in self.mlp_layer_types:
-            e, g = self.n_routed_experts or 0, self.n_group
-            if e <= 0 or g < 1 or e % g:
-                bad("n_group", g, f"must divide n_routed_experts={e} (> 0)")
-            if not 1 <= self.topk_group <= g:
-                bad("topk_group", self.topk_group, f"must be in 1..n_group={g}")
-            if not 1 <= self.num_experts_per_tok <= self.topk_group * e // g:
-                bad("num_experts_per_tok", self.num_experts_per_tok, "more experts than the selected groups hold")
+        if "sparse" in self.mlp_layer_types:  # the reference's router: the same noaux_tc as GLM-5.1's
+            check_moe_groups(bad, self.n_routed_experts, self.n_group, self.topk_group, self.num_experts_per_tok)
         if self.hc_mult < 1 or self.hc_sinkhorn_iters < 1:
             bad("hc_mult", self.hc_mult, "hc_mult and hc_sinkhorn_iters must be >= 1")
         if self.linear_conv_kernel_dim < 1:
             bad("linear_conv_kernel_dim", self.linear_conv_kernel_dim, "must be >= 1")
+        if self.num_nextn_predict_layers not in (0, 1):
+            bad("num_nextn_predict_layers", self.num_nextn_predict_layers, "one MTP block at most; 0 or 1 supported")
+        check_kv_cache_bits(bad, self.kv_cache_bits, self.kv_lora_rank)
         if self.tie_word_embeddings:
             bad("tie_word_embeddings", True, "GLM-5.3-Flash keeps a separate lm_head")
 
@@ -191,44 +173,46 @@ class Glm5NextArgs:
         return layer >= self.num_hidden_layers or self.layer_types[layer] == INDEXED
 
     def has_indexer(self, layer: int) -> bool:
-        """Whether DSA layer `layer` runs its own indexer (the MTP layer always does)."""
-        return layer >= self.num_hidden_layers or self.indexer_types[layer] == "full"
+        """Whether layer `layer` is a DSA layer that runs its own indexer (the MTP layer always does)."""
+        return self.is_indexed(layer) and (layer >= self.num_hidden_layers or self.indexer_types[layer] == "full")
 
     @property
-    def qk_head_dim(self) -> int:
-        return self.qk_nope_head_dim + self.qk_rope_head_dim
+    def linear_dim(self) -> int:
+        """A KDA layer's q, k and v width (linear_num_heads x linear_head_dim)."""
+        return self.linear_num_heads * self.linear_head_dim
 
     @property
     def has_vision(self) -> bool:
         return bool(self.extra.get("vision_config"))
 
-    @property
-    def eos_token_ids(self) -> list[int]:
-        e = self.eos_token_id
-        return [] if e is None else ([e] if isinstance(e, int) else list(e))
-
     # --- analytic cache costs (checked against real nbytes by the tests) ------------------
-    def dsa_bytes_per_token(self, layer: int, dtype_bytes: int = 2) -> int:
-        """A DSA layer's per-token cache: the latent (kv_lora_rank) and, with its own indexer, the
-        indexer key and pool gate (2 * index_head_dim) plus one pooled key per index_kpool tokens
-        (counted here as index_head_dim / index_kpool per token)."""
-        b = self.kv_lora_rank * dtype_bytes
-        if self.has_indexer(layer):
-            b += 2 * self.index_head_dim * dtype_bytes + self.index_head_dim * dtype_bytes // self.index_kpool
-        return b
+    def indexer_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        """A DSA layer's own indexer, per token: its key and pool gate (2 x index_head_dim) plus one pooled
+        key per index_kpool tokens (counted here as index_head_dim / index_kpool per token)."""
+        return 2 * self.index_head_dim * dtype_bytes + self.index_head_dim * dtype_bytes // self.index_kpool
+
+    def layer_bytes_per_token(self, layer: int, dtype_bytes: int = 2) -> int:
+        """Layer `layer`'s cache per token: a DSA layer's latent (kv_lora_rank; latent_bytes_per_token) and,
+        with its own indexer, indexer_bytes_per_token; a KDA layer's none (its state is per sequence)."""
+        if not self.is_indexed(layer):
+            return 0
+        return self.latent_bytes_per_token(dtype_bytes) + (self.indexer_bytes_per_token(dtype_bytes)
+                                                            if self.has_indexer(layer) else 0)
 
     def cache_bytes_per_token(self, dtype_bytes: int = 2, mtp: bool = False) -> int:
-        layers = [i for i in range(self.num_hidden_layers) if self.is_indexed(i)]
-        if mtp and self.num_nextn_predict_layers:
-            layers.append(self.num_hidden_layers)
-        return sum(self.dsa_bytes_per_token(i, dtype_bytes) for i in layers)
+        return sum(self.layer_bytes_per_token(i, dtype_bytes) for i in self.layers(mtp))
+
+    def layer_state_bytes(self, layer: int, dtype_bytes: int = 2) -> int:
+        """Layer `layer`'s fixed per-sequence bytes: a KDA layer's float32 recurrent state [H, Dv, Dk] and
+        conv state (linear_conv_kernel_dim - 1 inputs of 3 * H * Dk channels, model dtype); 0 for DSA."""
+        if self.is_indexed(layer):
+            return 0
+        H, D, K = self.linear_num_heads, self.linear_head_dim, self.linear_conv_kernel_dim
+        return H * D * D * STATE_BYTES + (K - 1) * 3 * H * D * dtype_bytes
 
     def kda_state_bytes(self, dtype_bytes: int = 2) -> int:
-        """Fixed per-sequence bytes of all KDA layers: the float32 recurrent state [H, Dv, Dk] and
-        the conv state (linear_conv_kernel_dim - 1 inputs of 3 * H * Dk channels, model dtype)."""
-        H, D, K = self.linear_num_heads, self.linear_head_dim, self.linear_conv_kernel_dim
-        per_layer = H * D * D * 4 + (K - 1) * 3 * H * D * dtype_bytes
-        return per_layer * sum(not self.is_indexed(i) for i in range(self.num_hidden_layers))
+        """Fixed per-sequence bytes of all KDA layers (layer_state_bytes summed)."""
+        return sum(self.layer_state_bytes(i, dtype_bytes) for i in range(self.num_hidden_layers))
 
 
 ModelArgs = Glm5NextArgs  # the name the planner looks for beside GLM-5.1's config.ModelArgs

@@ -11,6 +11,7 @@ import mlx.core as mx
 
 from ..errors import CheckpointError
 from .checkpoint import Checkpoint
+from .glm5_next_config import is_glm5_next
 from .glm5_next_loading import load_glm5_next
 from .glm_moe_dsa import Model
 from .weights import check_weights, cpu_needs_float32, finish, quantize_for_checkpoint, read_weights, target_dtype
@@ -24,7 +25,7 @@ def load_model(path, *, lazy: bool = False, dtype=None, mtp: bool = True, keep=N
     does not hold) let a pipeline rank read only its own layers' shards (glm_mlx.distributed.pipeline).
     """
     ckpt = Checkpoint.open(path)
-    if ckpt.model_type in ("glm5_next", "glm5_next_text") and keep is None:  # GLM-5.3-Flash: its own network
+    if is_glm5_next(ckpt.config) and keep is None:  # GLM-5.3-Flash: its own network
         return load_glm5_next(ckpt, lazy=lazy, dtype=dtype, mtp=mtp)
     config, args = ckpt.config, ckpt.args
     weights = read_weights(ckpt.shards(keep))  # lazy: only headers are read here
