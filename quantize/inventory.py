@@ -12,7 +12,7 @@ from __future__ import annotations
 from glm_mlx.model.config import ModelArgs
 
 from .pricing import (ATTN, COMPONENTS, DENSE, DTYPE_BYTES, EMBED, HC, INDEXER, MTP, NORMS, ROUTED,  # noqa: F401
-                      ROUTER, SHARED, Tensor, model_dtype_bytes)
+                      ROUTER, SHARED, Tensor, mla_tensors, model_dtype_bytes)
 
 
 def has_mtp(args: ModelArgs) -> bool:
@@ -51,37 +51,11 @@ def inventory(args: ModelArgs, mtp: bool = True) -> list[Tensor]:
             add(f"{p}.shared_head.norm.weight", (h,), NORMS, l)
         add(f"{p}.input_layernorm.weight", (h,), NORMS, l)
         add(f"{p}.post_attention_layernorm.weight", (h,), NORMS, l)
-        _attention(add, args, p + ".self_attn", l)
+        mla_tensors(add, args, p + ".self_attn", l)
         _mlp(add, args, p + ".mlp", l)
     add("model.norm.weight", (h,), NORMS)
     add("lm_head.weight", (args.vocab_size, h), EMBED, quantizable=True)
     return out
-
-
-def _attention(add, args: ModelArgs, p: str, l: int):
-    h, H, q, kv, rope = args.hidden_size, args.num_attention_heads, args.q_lora_rank, args.kv_lora_rank, args.qk_rope_head_dim
-    bias = args.attention_bias
-    add(f"{p}.q_a_proj.weight", (q, h), ATTN, l, True)
-    if bias:
-        add(f"{p}.q_a_proj.bias", (q,), ATTN, l)
-    add(f"{p}.q_a_layernorm.weight", (q,), NORMS, l)
-    add(f"{p}.q_b_proj.weight", (H * args.qk_head_dim, q), ATTN, l, True)
-    add(f"{p}.kv_a_proj_with_mqa.weight", (kv + rope, h), ATTN, l, True)
-    if bias:
-        add(f"{p}.kv_a_proj_with_mqa.bias", (kv + rope,), ATTN, l)
-    add(f"{p}.kv_a_layernorm.weight", (kv,), NORMS, l)
-    add(f"{p}.embed_q.weight", (H, kv, args.qk_nope_head_dim), ATTN, l, True)
-    add(f"{p}.unembed_out.weight", (H, args.v_head_dim, kv), ATTN, l, True)
-    add(f"{p}.o_proj.weight", (h, H * args.v_head_dim), ATTN, l, True)
-    if bias:
-        add(f"{p}.o_proj.bias", (h,), ATTN, l)
-    if args.has_indexer(l):
-        i, d = f"{p}.indexer", args.index_head_dim
-        add(f"{i}.wq_b.weight", (args.index_n_heads * d, q), INDEXER, l, True)
-        add(f"{i}.wk.weight", (d, h), INDEXER, l, True)
-        add(f"{i}.k_norm.weight", (d,), INDEXER, l)  # LayerNorm: never quantized
-        add(f"{i}.k_norm.bias", (d,), INDEXER, l)
-        add(f"{i}.weights_proj.weight", (args.index_n_heads, h), INDEXER, l, True)
 
 
 def _mlp(add, args: ModelArgs, p: str, l: int):

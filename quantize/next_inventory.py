@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from glm_mlx.model.glm5_next_config import Glm5NextArgs
 
-from .pricing import ATTN, DENSE, EMBED, HC, INDEXER, MTP, NORMS, ROUTED, ROUTER, SHARED, Tensor, model_dtype_bytes
+from .pricing import ATTN, DENSE, EMBED, HC, INDEXER, MTP, NORMS, ROUTED, ROUTER, SHARED, Tensor, mla_tensors, model_dtype_bytes
 
 F32 = 4
 
@@ -82,29 +82,9 @@ def _kda(add, args: Glm5NextArgs, p: str, l: int):
 
 def _dsa(add, args: Glm5NextArgs, p: str, l: int):
     """MLA without RoPE plus the pooled-key indexer (Glm5NextTextAttention, Glm5NextTextIndexer)."""
-    h, H, q, kv, rope = args.hidden_size, args.num_attention_heads, args.q_lora_rank, args.kv_lora_rank, args.qk_rope_head_dim
-    bias = args.attention_bias
-    add(f"{p}.q_a_proj.weight", (q, h), ATTN, l, True)
-    if bias:
-        add(f"{p}.q_a_proj.bias", (q,), ATTN, l)
-    add(f"{p}.q_a_layernorm.weight", (q,), NORMS, l)
-    add(f"{p}.q_b_proj.weight", (H * args.qk_head_dim, q), ATTN, l, True)
-    add(f"{p}.kv_a_proj_with_mqa.weight", (kv + rope, h), ATTN, l, True)
-    if bias:
-        add(f"{p}.kv_a_proj_with_mqa.bias", (kv + rope,), ATTN, l)
-    add(f"{p}.kv_a_layernorm.weight", (kv,), NORMS, l)
-    add(f"{p}.embed_q.weight", (H, kv, args.qk_nope_head_dim), ATTN, l, True)
-    add(f"{p}.unembed_out.weight", (H, args.v_head_dim, kv), ATTN, l, True)
-    add(f"{p}.o_proj.weight", (h, H * args.v_head_dim), ATTN, l, True)
-    if bias:
-        add(f"{p}.o_proj.bias", (h,), ATTN, l)
+    mla_tensors(add, args, p, l)
     if args.has_indexer(l):
-        i, d = f"{p}.indexer", args.index_head_dim
-        add(f"{i}.wq_b.weight", (args.index_n_heads * d, q), INDEXER, l, True)
-        add(f"{i}.wk.weight", (d, h), INDEXER, l, True)
-        add(f"{i}.k_norm.weight", (d,), INDEXER, l)  # LayerNorm: never quantized
-        add(f"{i}.k_norm.bias", (d,), INDEXER, l)
-        add(f"{i}.weights_proj.weight", (args.index_n_heads, h), INDEXER, l, True)
+        i, d, h = f"{p}.indexer", args.index_head_dim, args.hidden_size
         add(f"{i}.index_kpool_compress_ape", (args.index_kpool, d), INDEXER, l)  # plain parameters, not Linear
         add(f"{i}.index_kpool_compress_gate", (d, h), INDEXER, l)
 

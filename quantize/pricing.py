@@ -1,5 +1,5 @@
 """The planner's shared units: the report's components, a tensor as the planner prices it, bytes per
-element of the model dtype, and the working set's constants. One module that every model's
+element of the model dtype, the working set's constants, and the MLA + indexer tensors both GLMs have. One module that every model's
 inventory and cost estimate imports (inventory.py and working_set.py for GLM-5.1, next_inventory.py
 and next_costs.py for GLM-5.3-Flash), so the dispatch by model_type runs one way."""
 
@@ -59,3 +59,31 @@ IN_FLIGHT = 4
 def cache_tokens(context: int) -> int:
     """Tokens the KV cache buffers hold at `context`: they grow in GROWTH_STEP-token steps."""
     return -(-context // GROWTH_STEP) * GROWTH_STEP
+
+
+def mla_tensors(add, args, p: str, l: int):
+    """The MLA attention and DSA indexer tensors both GLMs share (GLM-5.3-Flash: with a zero-width RoPE
+    half, and its pooled-key extras added by next_inventory)."""
+    h, H, q, kv, rope = args.hidden_size, args.num_attention_heads, args.q_lora_rank, args.kv_lora_rank, args.qk_rope_head_dim
+    bias = args.attention_bias
+    add(f"{p}.q_a_proj.weight", (q, h), ATTN, l, True)
+    if bias:
+        add(f"{p}.q_a_proj.bias", (q,), ATTN, l)
+    add(f"{p}.q_a_layernorm.weight", (q,), NORMS, l)
+    add(f"{p}.q_b_proj.weight", (H * args.qk_head_dim, q), ATTN, l, True)
+    add(f"{p}.kv_a_proj_with_mqa.weight", (kv + rope, h), ATTN, l, True)
+    if bias:
+        add(f"{p}.kv_a_proj_with_mqa.bias", (kv + rope,), ATTN, l)
+    add(f"{p}.kv_a_layernorm.weight", (kv,), NORMS, l)
+    add(f"{p}.embed_q.weight", (H, kv, args.qk_nope_head_dim), ATTN, l, True)
+    add(f"{p}.unembed_out.weight", (H, args.v_head_dim, kv), ATTN, l, True)
+    add(f"{p}.o_proj.weight", (h, H * args.v_head_dim), ATTN, l, True)
+    if bias:
+        add(f"{p}.o_proj.bias", (h,), ATTN, l)
+    if args.has_indexer(l):
+        i, d = f"{p}.indexer", args.index_head_dim
+        add(f"{i}.wq_b.weight", (args.index_n_heads * d, q), INDEXER, l, True)
+        add(f"{i}.wk.weight", (d, h), INDEXER, l, True)
+        add(f"{i}.k_norm.weight", (d,), INDEXER, l)  # LayerNorm: never quantized
+        add(f"{i}.k_norm.bias", (d,), INDEXER, l)
+        add(f"{i}.weights_proj.weight", (args.index_n_heads, h), INDEXER, l, True)
