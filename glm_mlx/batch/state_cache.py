@@ -4,7 +4,8 @@ BatchKDACache (KDA layers): the members' fixed-size states stacked per row, conv
 recurrent [B, H, Dv, Dk]; the KDA layer runs them as one batch (it reads `conv`, `recurrent`, `cuts`
 and calls `commit`, as on one sequence's KDACache). A multi-token pass (MTP verification: y + draft)
 keeps its per-token states, so `trim(b, n)` rolls back row b alone, exactly. Each row's boundary
-states (prefix-cache block ends) go into its own KDACache's `marks` as the row crosses them.
+states (prefix-cache block ends) go into its own KDACache's `marks` as the row crosses them (`add_mark`
+keeps the sparse ones, the pin and the latest few).
 Joining and leaving copies one state per member (its size does not grow with the context).
 
 BatchPooledCache (DSA layers): GLM-5.1's padded batch buffers (BatchLayerCache: latent rows and
@@ -148,7 +149,8 @@ class BatchKDACache:
     def view(self, b: int, cache: KDACache, ahead: bool = False) -> KDACache:
         out = KDACache(cache.keep + 1)
         out.conv, out.recurrent, out.offset = self.conv[b : b + 1], self.recurrent[b : b + 1], self.lengths[b]
-        out.marks, out.every, out.phase = cache.marks, cache.every, cache.phase  # shared: the prefix cache drops them
+        out.marks = cache.marks  # shared: the prefix cache drops them
+        out.keep_boundaries(cache.every, cache.phase, cache.sparse, cache.pin)
         return out
 
     # --- what the KDA layer calls --------------------------------------------------------------
@@ -160,8 +162,8 @@ class BatchKDACache:
         for b, c in enumerate(self.owners):
             for r in mark_points(self.lengths[b], L, c.every, c.phase):
                 if r == L or len(states) == L:
-                    c.marks[self.lengths[b] + r] = [mx.contiguous(conv_input[b : b + 1, r : r + self.keep]),
-                                                    mx.contiguous(states[r - 1 if len(states) == L else -1][b : b + 1])]
+                    c.add_mark(self.lengths[b] + r, conv_input[b : b + 1, r : r + self.keep],
+                               mx.contiguous(states[r - 1 if len(states) == L else -1][b : b + 1]), at_hand=True)
         before = self.recurrent
         self.conv, self.recurrent = conv_input[:, L:], states[-1]
         if len(states) == L > 1:

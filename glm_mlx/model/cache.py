@@ -168,7 +168,7 @@ class DSACache(_BaseCache):
         """The arrays whose axis 2 is tokens (a prefix block holds their rows)."""
         return self.state
 
-    def keep_boundaries(self, every: int | None, phase: int = 0):
+    def keep_boundaries(self, every: int | None, phase: int = 0, sparse: int = 1, pin: int | None = None):
         """Rows are the state at any boundary: nothing to keep."""
 
     def can_trim_to(self, offset: int) -> bool:

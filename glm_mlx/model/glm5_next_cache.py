@@ -12,12 +12,17 @@ no extra compute. Beyond the last update the state is gone: `trim_floor` says ho
 can go, and trimming the whole cache (to offset 0) is always possible (a reset). Prompt caches that
 diverge further back re-prefill from the start (PromptCache.reuse reads trim_floor).
 
-Boundary states (the prefix cache): with `keep_boundaries(every, phase)` the cache keeps its state
-(conv, recurrent) after every n tokens with n % every == phase (`marks`: n -> [conv, recurrent]), as
-the KDA layer passes them (it splits its recurrence there: no extra forward pass). The prefix cache asks
-for phase every-1: a restore of k blocks holds k*every - 1 tokens, leaving the block's last token to
-process. Marks past a trim go; `forget_boundaries` drops those the prefix cache has copied. Each mark
-is one KDA state per layer (the size of the whole cache), held until the prefix cache takes it.
+Boundary states (the prefix cache): with `keep_boundaries(every, phase, sparse, pin)` the cache keeps its
+state (conv, recurrent) after n tokens for n on the grid n % every == phase (`marks`: n -> [conv, recurrent]),
+as the KDA layer passes them (it splits its recurrence there: no extra forward pass). The prefix cache asks
+for every = its block size, phase every-1 (a restore of k blocks holds k*every - 1 tokens, leaving the
+block's last token to process), and sparse = its state_every: only every sparse-th grid point is kept
+(`kept_point`), plus `pin` (the prompt's last block boundary), plus, when an update has the state after
+each of its tokens anyway (decoding: one token, or an MTP verification pass), the grid points it crosses -
+of those "loose" marks only the LOOSE_MARKS latest stay (the block a save may end at, one behind for a
+row whose last token is drafted ahead). A prefill of N tokens so holds at most N // (every*sparse) + 1
+marks. Marks past a trim go; `forget_boundaries` drops those the prefix cache has copied. Each mark is one
+KDA state per layer (the size of the whole cache, its own buffers), held until the prefix cache takes it.
 
 PooledDSACache (DSA layers): GLM-5.1's DSACache (the latent KV, no rope key since
 qk_rope_head_dim is 0) whose indexer buffer holds each token's [indexer key | pool gate score]
@@ -31,6 +36,9 @@ import mlx.core as mx
 from mlx_lm.models.cache import _BaseCache
 
 from .cache import DSACache, _GrowingBuffer
+
+
+LOOSE_MARKS = 2  # decode-time marks kept beside the sparse ones and the pin (see the module docstring)
 
 
 def mark_points(offset: int, L: int, every: int | None, phase: int) -> list[int]:
@@ -47,7 +55,7 @@ class KDACache(_BaseCache):
 
     def __init__(self, kernel: int):
         self.keep = kernel - 1  # conv inputs carried between calls
-        self.every, self.phase = None, 0  # keep_boundaries
+        self.every, self.phase, self.sparse, self.pin = None, 0, 1, None  # keep_boundaries
         self.marks: dict[int, list] = {}
         self._reset()
 
@@ -62,13 +70,30 @@ class KDACache(_BaseCache):
         self.marks.clear()
 
     # --- boundary states (see the module docstring) --------------------------------------------
-    def keep_boundaries(self, every: int | None, phase: int = 0):
-        self.every, self.phase = every, phase
+    def keep_boundaries(self, every: int | None, phase: int = 0, sparse: int = 1, pin: int | None = None):
+        self.every, self.phase, self.sparse, self.pin = every, phase, max(int(sparse), 1), pin
+
+    def kept_point(self, n: int) -> bool:
+        """Whether grid point n is one of the sparse ones (kept whatever comes after it)."""
+        return ((n - self.phase) // self.every + 1) % self.sparse == 0
 
     def cuts(self, L: int) -> list[int]:
         """Where inside an update of L tokens (r < L) the KDA layer must stop its recurrence: the states
-        after offset + r tokens are kept."""
-        return [r for r in mark_points(self.offset, L, self.every, self.phase) if r < L]
+        after offset + r tokens are kept (sparse points and the pin only)."""
+        return [r for r in mark_points(self.offset, L, self.every, self.phase)
+                if r < L and (self.kept_point(self.offset + r) or self.offset + r == self.pin)]
+
+    def add_mark(self, n: int, conv, recurrent, at_hand: bool):
+        """Keep the state after n tokens (a grid point) if wanted: a sparse point, the pin, or a loose one
+        whose state the update had at hand (at_hand); then only the LOOSE_MARKS latest loose ones stay.
+        The conv slice is copied: a view would keep the update's whole conv input alive."""
+        loose = not self.kept_point(n) and n != self.pin
+        if loose and not at_hand:
+            return
+        self.marks[n] = [mx.contiguous(conv), recurrent]
+        if loose:
+            for m in sorted(m for m in self.marks if not self.kept_point(m) and m != self.pin)[:-LOOSE_MARKS]:
+                del self.marks[m]
 
     def boundary_state(self, n: int) -> list | None:
         """[conv [1, K-1, C], recurrent [1, H, Dv, Dk]] after n tokens, if kept (n == offset: the state)."""
@@ -92,10 +117,12 @@ class KDACache(_BaseCache):
         of them} at `cuts(L)`."""
         L = conv_input.shape[1] - self.keep
         for r in mark_points(self.offset, L, self.every, self.phase):
-            st = states[r - 1] if len(states) == L else (states[-1] if r == L else at[r])
-            self.marks[self.offset + r] = [conv_input[:, r : r + self.keep], st]
+            st = states[r - 1] if len(states) == L else (states[-1] if r == L else (at or {}).get(r))
+            if st is not None:
+                self.add_mark(self.offset + r, conv_input[:, r : r + self.keep], st, at_hand=len(states) == L)
         before = self.recurrent
-        self.conv = conv_input[:, L:]  # the last K-1 inputs
+        # the last K-1 inputs (copied after a multi-token update: a view would keep its whole conv input alive)
+        self.conv = conv_input[:, L:] if L == 1 else mx.contiguous(conv_input[:, L:])
         self.recurrent = states[-1]
         if len(states) == L > 1:
             self._history, self._kept = (conv_input, [before] + states), L

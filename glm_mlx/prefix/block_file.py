@@ -5,6 +5,7 @@ in the disk index (DiskEntry). The store (store.py) decides what to write, read,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -22,6 +23,13 @@ CHECKSUM_KEY = "data_xxh3_128"
 _OUR_TMP = re.compile(r"\.[0-9a-f]{64}\.(\d+)\.tmp")
 _LIB_TMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
 _MAX_HEADER = 64 << 20  # bytes: a larger safetensors header is not one of ours
+# A recurrent layer's boundary state in a block: arrays `layer.<i>.conv` and `layer.<i>.recurrent` (prefix/
+# convert.py). A block carries them for every recurrent layer or for none (prefix/cache.py: `state_every`).
+STATE_ARRAYS = ("conv", "recurrent")
+
+
+def is_state(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in STATE_ARRAYS
 
 
 def checksum(arrays: dict[str, np.ndarray]) -> str:
@@ -61,9 +69,11 @@ class Block:
     resident: bool = True  # in the RAM tier (else kept only until the writer is done with it)
     queued: bool = False  # the writer holds it
     nbytes: int = field(init=False)
+    state: bool = field(init=False)  # carries recurrent layers' boundary states (a hit may end here)
 
     def __post_init__(self):
         self.nbytes = sum(a.nbytes for a in self.arrays.values())
+        self.state = any(is_state(n) for n in self.arrays)
 
 
 @dataclass(eq=False)
@@ -73,6 +83,7 @@ class DiskEntry:
     size: int
     depth: int
     tick: float
+    state: bool = False  # as Block.state
 
 
 def stamp(x: Block | DiskEntry) -> tuple:
@@ -118,6 +129,45 @@ def _read_header(path: Path) -> tuple[dict, dict, int]:
     except (TypeError, KeyError, IndexError, ValueError):
         raise _Corrupt("bad tensor entry") from None
     return meta, hdr, 8 + n + end
+
+
+def check_block(path: Path, meta: dict, tensors: dict, size: int | None, *, root: bytes, block_size: int,
+                layer_names: list[str], mtp_names: list[str], state_names: list[str]) -> tuple[bytes, int, np.ndarray, bool]:
+    """Validate a block file's header (metadata and tensor entries, or the arrays read) as one of this
+    cache's (raises _Foreign when it is another model's or block size's, _Corrupt when it is ours and bad);
+    return (key, depth, tokens, whether it carries the recurrent layers' states). Rows: B per layer array,
+    MTP ones B-1 at depth 0; state arrays ([1, K-1, C] conv inputs, [1, H, Dv, Dk]): all of them or none."""
+    if meta.get("format") != FORMAT or meta.get("root") != root.hex() or meta.get("block_size") != str(block_size):
+        raise _Foreign()
+    try:
+        key, parent = bytes.fromhex(meta["key"]), bytes.fromhex(meta["parent"])
+        depth = int(meta["depth"])
+        tokens = np.asarray(json.loads(meta["tokens"]), dtype="<i4")
+    except (KeyError, ValueError, TypeError, OverflowError):
+        raise _Corrupt("bad metadata") from None
+    if not re.fullmatch(r"[0-9a-f]{32}", str(meta.get(CHECKSUM_KEY, ""))):
+        raise _Corrupt("no data checksum")
+    if path.name != f"{meta['key']}{SUFFIX}" or tokens.shape != (block_size,) or depth < 0:
+        raise _Corrupt("name, tokens or depth do not match")
+    if hashlib.sha256(parent + tokens.tobytes()).digest() != key or (depth == 0) != (parent == root):
+        raise _Corrupt("key does not match its parent and tokens")
+    want = {n: block_size for n in layer_names}
+    want.update({n: block_size - 1 if depth == 0 else block_size for n in mtp_names})
+    state = bool(state_names) and state_names[0] in tensors
+    if state:
+        want.update({n: None for n in state_names})
+    if set(tensors) != set(want):
+        raise _Corrupt("arrays do not match this model's layers")
+    for name, t in tensors.items():
+        shape = t["shape"] if isinstance(t, dict) else list(t.shape)
+        if want[name] is None:  # a boundary state
+            if len(shape) not in (3, 4) or shape[0] != 1:
+                raise _Corrupt(f"array {name} has shape {shape}")
+        elif len(shape) != 4 or shape[2] != want[name]:
+            raise _Corrupt(f"array {name} has shape {shape}")
+    if size is not None and os.path.getsize(path) != size:
+        raise _Corrupt("file size does not match its header (truncated?)")
+    return key, depth, tokens, state
 
 
 def _pid_alive(pid: int) -> bool:

@@ -11,7 +11,15 @@ What a block holds. Block j covers positions s = jB .. e = (j+1)B:
   * every main layer's cache `state` rows [s, e) (latent, rope key, indexer keys where the layer
     has them; 8-bit indexer keys are one packed uint32 array);
   * the MTP cache's slots [max(s-1, 0), e-1): slot i pairs h_i with token i+1, so slot s-1 pairs
-    h_{s-1} with this block's first token - determined by the chain, like the rest.
+    h_{s-1} with this block's first token - determined by the chain, like the rest;
+  * with recurrent layers (GLM-5.3-Flash's KDA, prefix/convert.py), their states after e-1 tokens - in
+    every `state_every`-th block (j+1 a multiple of it) and in the last full block of each saved prompt
+    only: a state is as large as the whole sequence's recurrent cache (141 MiB for GLM-5.3-Flash, 34
+    blocks of its DSA rows). A hit for such a model ends at the deepest matched block carrying them
+    (SGLang's MambaRadixCache: the deepest node whose mamba value is not a tombstone); the rest is
+    prefilled. The default state_every is the vLLM hybrid cache's rule (an attention page at least as
+    large as a mamba state): the fewest blocks whose DSA rows weigh as much as one state, so states take
+    at most as many bytes per cached token as the rows (see `default_state_every`).
 Restoring k blocks gives a PromptCache holding kB-1 tokens (the main caches' last row trimmed,
 as PromptCache.reuse leaves at least one token to process), MTP slots [0, kB-1), nothing pending:
 the engine invariant holds (mtp_cache.offset == len(tokens)) and its next `_forward` recomputes
@@ -39,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .convert import build_cache, layer_names, savable, slice_blocks
+from .convert import build_cache, layer_names, slice_blocks, with_states
 from .store import FORMAT, Block, DiskEntry, DiskStore, stamp
 from .block_file import default_cache_dir as default_cache_dir  # noqa: F401 - public here: the serve CLI's --cache-dir default
 from ..generation.prompt_cache import PromptCache
@@ -57,11 +65,14 @@ class PrefixCache:
     capped at start to what the disk has room for (one warning; `disk_limit` is what is used).
     write_through: queue every new block for the disk at once (survives a crash), not only on
     spill / close.
+    state_every: with recurrent layers, every how many blocks one carries their states (None: the
+    model's default_state_every; the last full block of a saved prompt always does). Blocks of any
+    spacing are served alike (a restart with another one reads the old files).
     """
 
     def __init__(self, model, *, identity: str, block_size: int = 256, mtp: bool, memory_bytes: int,
                  disk_dir: str | Path | None = None, disk_bytes: int = 0, log=None,
-                 write_through: bool = False, read_threads: int = 4):
+                 write_through: bool = False, read_threads: int = 4, state_every: int | None = None):
         if block_size < 2:
             raise ValueError(f"block_size={block_size}: must be >= 2")
         self.model = model
@@ -79,6 +90,8 @@ class PrefixCache:
         fresh = PromptCache.fresh(model, mtp=self.mtp)
         self._names = [layer_names(c, i) for i, c in enumerate(fresh.cache)]
         states = [n for c, ns in zip(fresh.cache, self._names) if c.block_layout == "boundary" for n in ns]
+        self.recurrent = bool(states)  # blocks carry boundary states: a hit ends at one that does
+        self.state_every = max(int(state_every or default_state_every(model, self.block_size, self.mtp)), 1)
         self._mtp_names = ([f"mtp.{j}" for j in range(2 + fresh.mtp_cache.has_indexer)]
                            if fresh.mtp_cache is not None else [])
 
@@ -134,18 +147,27 @@ class PrefixCache:
         return self._last_tick
 
     def _cached_chain(self, prompt) -> list[bytes]:
-        """Keys of the longest cached block prefix of prompt that leaves >= 1 token to process."""
-        out = []
+        """Keys of the longest cached block prefix of prompt that leaves >= 1 token to process (with
+        recurrent layers: up to its deepest block that carries their states)."""
+        out, usable = [], 0
         for key in self._keys(prompt, len(prompt) // self.block_size):
-            if key not in self._mem and key not in self._disk:
+            b = self._mem.get(key) or self._disk.get(key)
+            if b is None:
                 break
             out.append(key)
-        return out
+            if b.state or not self.recurrent:
+                usable = len(out)
+        return out[:usable]
+
+    def _sparse(self, j: int) -> bool:
+        """Whether block j carries the recurrent states whatever follows it (every state_every-th)."""
+        return (j + 1) % self.state_every == 0
 
     # --- public API ----------------------------------------------------------------------
     def lookup(self, prompt: list[int]) -> int:
         """Tokens (a multiple of block_size) of the longest cached prefix of prompt; k blocks count
-        iff k * block_size <= len(prompt). `restore` then yields one token less."""
+        iff k * block_size <= len(prompt) (and, with recurrent layers, block k carries their states).
+        `restore` then yields one token less."""
         with self._cond:
             return len(self._cached_chain(prompt)) * self.block_size
 
@@ -169,6 +191,8 @@ class PrefixCache:
             if b is None:
                 break
             blocks.append(b)
+        while self.recurrent and blocks and not blocks[-1].state:  # a read failed past the last state
+            blocks.pop()
         if not blocks:
             stats["seconds"] = time.perf_counter() - start
             return None, stats
@@ -190,7 +214,7 @@ class PrefixCache:
             self._counters["disk_blocks_read"] += n_disk
             self._counters["ram_blocks_read"] += k - n_disk
 
-        pc = self._build(blocks, prompt[: k * B - 1])
+        pc = self._build(blocks, prompt[: k * B - 1], prompt)
         self._enforce_ram()
         stats.update(blocks=k, tokens=k * B - 1, ram_tokens=(k - n_disk) * B, disk_tokens=n_disk * B,
                      seconds=time.perf_counter() - start)
@@ -218,11 +242,12 @@ class PrefixCache:
                 if b is not None:
                     b.tick, b.resident = tick, True
             self._touch_disk(keys, tick)
-        new = savable(pc, new, B)  # (recurrent layers: the blocks whose boundary states were kept)
         if not new:
             self._forget_boundaries(pc, keys)
             return 0
-        blocks = slice_blocks(pc, self._names, self._mtp_names, new, keys, self.root, B, tick)
+        # (recurrent layers: the blocks that carry their states, where the prompt cache kept them)
+        states = with_states(pc, [j for j in new if self._sparse(j) or j == len(keys) - 1], B) if self.recurrent else set()
+        blocks = slice_blocks(pc, self._names, self._mtp_names, new, keys, self.root, B, tick, states)
         with self._cond:
             for b in blocks:
                 self._mem[b.key] = b
@@ -234,11 +259,15 @@ class PrefixCache:
         self._enforce_ram()
         return len(blocks)
 
-    def track(self, pc: PromptCache):
-        """Have pc's recurrent layers keep their states at this cache's block boundaries (where a restore
-        of whole blocks ends), for `save`; a no-op on caches whose rows are their state."""
+    def track(self, pc: PromptCache, prompt: list[int] | None = None):
+        """Have pc's recurrent layers keep their states at the block boundaries (where a restore of whole
+        blocks ends) of the blocks `save` gives them: every state_every-th, and the last full block of
+        `prompt` (the prompt pc is about to prefill), plus the latest ones decoding passes; a no-op on caches
+        whose rows are their state. A prefill of N tokens so holds N // (state_every*B) + 1 states."""
+        B = self.block_size
+        pin = (len(prompt) // B) * B - 1 if prompt is not None and len(prompt) >= B else None
         for c in pc.cache:
-            c.keep_boundaries(self.block_size, self.block_size - 1)
+            c.keep_boundaries(B, B - 1, sparse=self.state_every, pin=pin)
 
     def _forget_boundaries(self, pc: PromptCache, stored: list[bytes]):
         """Boundary states of blocks stored (or saved now) are not needed again: their memory goes."""
@@ -290,20 +319,21 @@ class PrefixCache:
 
     def stats(self) -> dict:
         with self._cond:
-            return dict(self._counters, block_size=self.block_size,
+            return dict(self._counters, block_size=self.block_size, state_every=self.state_every if self.recurrent else None,
                         ram_blocks=sum(b.resident for b in self._mem.values()),
+                        ram_state_blocks=sum(b.resident and b.state for b in self._mem.values()),
                         queued_blocks=sum(b.queued for b in self._mem.values()),
                         ram_bytes=self._mem_bytes, memory_bytes=self.memory_bytes,
                         disk_blocks=len(self._disk), disk_bytes=self.disk_bytes_used(), disk_limit=self.disk_limit,
                         disk_full=self._store is not None and self._store.full_since is not None,
                         disk_dir=str(self.disk_dir) if self.disk_dir else None)
 
-    def _build(self, blocks: list[Block], tokens: list[int]) -> PromptCache:
+    def _build(self, blocks: list[Block], tokens: list[int], prompt: list[int]) -> PromptCache:
         pc = PromptCache.fresh(self.model, mtp=self.mtp)
         build_cache(pc, blocks, self._names, self._mtp_names, self.block_size)
         pc.tokens = list(tokens)
         pc.pending = None
-        self.track(pc)
+        self.track(pc, prompt)
         assert all(c.offset == len(tokens) for c in pc.all_caches()), "restored caches out of step"
         return pc
 
@@ -347,3 +377,23 @@ class PrefixCache:
     def _check_open(self):
         if self._closed:
             raise RuntimeError("this PrefixCache is closed")
+
+
+def default_state_every(model, block_size: int, mtp: bool) -> int:
+    """Every how many blocks one carries the recurrent states, by default: the fewest blocks whose rows (the
+    DSA layers' latent and indexer rows, the MTP layer's with MTP: what a block holds per token) weigh at
+    least one state of all recurrent layers, so states add at most the rows' bytes per cached token (vLLM's
+    hybrid rule: its attention block grows until a page holds as much as a mamba state). GLM-5.3-Flash
+    (bfloat16): 141 MiB of state, 4.5 MiB of rows per 256-token block with MTP (4.1 without): 32 blocks
+    (35). 1 for a model without recurrent layers."""
+    a = getattr(model, "args", None)
+    if not hasattr(a, "kda_state_bytes"):
+        return 1
+    try:
+        d = model.model.norm.weight.dtype.size
+    except AttributeError:
+        d = 2
+    layers = [i for i in range(a.num_hidden_layers) if a.is_indexed(i)]
+    layers += [a.num_hidden_layers] if mtp and a.num_nextn_predict_layers else []
+    rows = block_size * sum(a.kv_lora_rank * d + (2 * a.index_head_dim * d if a.has_indexer(i) else 0) for i in layers)
+    return max(1, -(-a.kda_state_bytes(d) // max(rows, 1)))

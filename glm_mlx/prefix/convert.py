@@ -6,8 +6,10 @@ building a PromptCache back from blocks, for both ways a layer cache holds a blo
   * "boundary" (GLM-5.3-Flash's KDACache, a fixed-size recurrent state): its state (conv, recurrent)
     after e - 1 tokens, where a restore of the blocks up to e ends (one token before the block's end:
     the restore leaves that token to process, for its logits and its MTP slot). The cache keeps those
-    states as its prefill and decoding pass them (`keep_boundaries`); a block whose state was not kept
-    is not saved (nor any after it). Restored from the last block's state alone.
+    states as its prefill and decoding pass them (`keep_boundaries`), only where a block will carry one
+    (prefix/cache.py: every `state_every` blocks and a saved prompt's last block); a block carries the
+    states of all recurrent layers or of none (a hit for such a model ends at a block that carries them).
+    Restored from the last block's state alone.
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from .store import Block
+from .block_file import STATE_ARRAYS, Block
 
 
 def layer_names(cache, i: int) -> list[str]:
     if cache.block_layout == "boundary":
-        return [f"layer.{i}.conv", f"layer.{i}.recurrent"]
+        return [f"layer.{i}.{a}" for a in STATE_ARRAYS]
     return [f"layer.{i}.{j}" for j in range(2 + cache.has_indexer)]
 
 
@@ -31,21 +33,18 @@ def _host(arrays: list[mx.array]) -> tuple[list[np.ndarray], list[bool]]:
     return [np.asarray(r) for r in regions], [a.dtype == mx.bfloat16 for a in arrays]
 
 
-def savable(pc, new: list[int], B: int) -> list[int]:
-    """The blocks of `new` (in order) whose boundary states every "boundary" layer kept, up to the first
-    one missing (a block after it would hang off a parent that is not stored)."""
-    out = []
-    for j in new:
-        if any(c.block_layout == "boundary" and c.boundary_state((j + 1) * B - 1) is None for c in pc.cache):
-            break
-        out.append(j)
-    return out
+def with_states(pc, want: list[int], B: int) -> set[int]:
+    """The blocks of `want` whose boundary states every "boundary" layer of pc kept (all of them when
+    pc has no such layer: nothing to carry)."""
+    kept = [c for c in pc.cache if c.block_layout == "boundary"]
+    return {j for j in want if all(c.boundary_state((j + 1) * B - 1) is not None for c in kept)}
 
 
 def slice_blocks(pc, names: list[list[str]], mtp_names: list[str], new: list[int], keys: list[bytes], root: bytes,
-                 B: int, tick: float) -> list[Block]:
+                 B: int, tick: float, states: set[int] = frozenset()) -> list[Block]:
     """Copy blocks `new` out of pc's caches into numpy, one layer at a time (each layer's rows covering
-    them evaluated once, viewed without a copy, then copied per block)."""
+    them evaluated once, viewed without a copy, then copied per block); the blocks in `states` carry the
+    recurrent layers' boundary states too."""
     lo, hi = new[0] * B, (new[-1] + 1) * B
     arrays: list[dict] = [{} for _ in new]
     raw: list[dict] = [{} for _ in new]
@@ -55,7 +54,7 @@ def slice_blocks(pc, names: list[list[str]], mtp_names: list[str], new: list[int
         for name, view, is_bf16 in zip(names, views, bf16):
             for i, j in enumerate(new):
                 s, e = rows(j)
-                arrays[i][name] = np.ascontiguousarray(view[:, :, s - a0 : e - a0])
+                arrays[i][name] = np.array(view[:, :, s - a0 : e - a0], order="C")  # its own copy (exact RAM bound)
                 if is_bf16:
                     raw[i][name] = "bfloat16"
         del views
@@ -63,6 +62,8 @@ def slice_blocks(pc, names: list[list[str]], mtp_names: list[str], new: list[int
     for c, ns in zip(pc.cache, names):
         if c.block_layout == "boundary":
             for i, j in enumerate(new):
+                if j not in states:
+                    continue
                 views, bf16 = _host(c.boundary_state((j + 1) * B - 1))
                 for name, view, is_bf16 in zip(ns, views, bf16):
                     arrays[i][name] = np.array(view, order="C")  # its own copy, C-ordered (what the file holds)
@@ -99,6 +100,8 @@ def build_cache(pc, blocks: list[Block], names: list[list[str]], mtp_names: list
     n = len(blocks) * B - 1
     for c, ns in zip(pc.cache, names):
         if c.block_layout == "boundary":
+            if not blocks[-1].state:
+                raise ValueError("a restore of a recurrent model must end at a block that carries its states")
             c.restore_boundary(arrays_of(ns, blocks[-1:]), n)
             mx.eval(c.state)
             continue

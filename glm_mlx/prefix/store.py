@@ -25,11 +25,9 @@ are seen consistent.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import queue
-import re
 import shutil
 import threading
 import time
@@ -41,8 +39,8 @@ import numpy as np
 from .. import atomic
 from ..disk import fmt_bytes
 from .block_file import (CHECKSUM_KEY, FORMAT, SUFFIX, Block, DiskEntry, _Corrupt, _Damaged, _Foreign,  # noqa: F401
-                         _LIB_TMP, _OPEN, _OPEN_LOCK, _OUR_TMP, _pid_alive, _read_header, _write_file, checksum,
-                         default_cache_dir, stamp)
+                         _LIB_TMP, _OPEN, _OPEN_LOCK, _OUR_TMP, _pid_alive, _read_header, _write_file, check_block,
+                         checksum, default_cache_dir, stamp)
 
 _STALE_TMP_S = 3600.0  # a temp file this old is a leftover whoever wrote it (a write takes seconds)
 # `.<key>.<pid>.tmp`: ours; `.tmpXXXXXX`: safetensors' own save_file temp (glm-mlx-prefix/1 wrote through it)
@@ -57,7 +55,8 @@ class DiskStore:
 
     root / identity / block_size: whose blocks these are (other files are never served nor touched).
     layer_names / mtp_names: the arrays a block holds (B rows each; MTP ones B-1 at depth 0); state_names:
-    recurrent layers' states at the block's end (prefix/convert.py), whatever their shape.
+    recurrent layers' states at the block's end (prefix/convert.py), whatever their shape: all or none of
+    them in a block (DiskEntry.state says which).
     cond / counters: the PrefixCache's lock and counters; `entries` changes only under the lock.
     release(block): called under the lock when the writer is done with a block.
     """
@@ -178,43 +177,10 @@ class DiskStore:
                 "tokens_end": str((b.depth + 1) * B), "tokens": json.dumps(b.tokens.tolist()),
                 "raw_dtypes": json.dumps(b.raw), CHECKSUM_KEY: checksum(b.arrays)}
 
-    def _expected_rows(self, depth: int) -> dict[str, int]:
-        B = self.block_size
-        rows = {n: B for n in self._layer_names}
-        rows.update({n: B - 1 if depth == 0 else B for n in self._mtp_names})
-        rows.update({n: None for n in self._state_names})
-        return rows
-
-    def _check(self, path: Path, meta: dict, tensors: dict, size: int | None) -> tuple[bytes, int, np.ndarray]:
-        """Validate one of our block files (raises _Foreign / _Corrupt); return (key, depth, tokens)."""
-        if meta.get("format") != FORMAT or meta.get("root") != self.root.hex() \
-                or meta.get("block_size") != str(self.block_size):
-            raise _Foreign()
-        try:
-            key, parent = bytes.fromhex(meta["key"]), bytes.fromhex(meta["parent"])
-            depth = int(meta["depth"])
-            tokens = np.asarray(json.loads(meta["tokens"]), dtype="<i4")
-        except (KeyError, ValueError, TypeError, OverflowError):
-            raise _Corrupt("bad metadata") from None
-        if not re.fullmatch(r"[0-9a-f]{32}", str(meta.get(CHECKSUM_KEY, ""))):
-            raise _Corrupt("no data checksum")
-        if path.name != f"{meta['key']}{SUFFIX}" or tokens.shape != (self.block_size,) or depth < 0:
-            raise _Corrupt("name, tokens or depth do not match")
-        if hashlib.sha256(parent + tokens.tobytes()).digest() != key or (depth == 0) != (parent == self.root):
-            raise _Corrupt("key does not match its parent and tokens")
-        want = self._expected_rows(depth)
-        if set(tensors) != set(want):
-            raise _Corrupt("arrays do not match this model's layers")
-        for name, t in tensors.items():
-            shape = t["shape"] if isinstance(t, dict) else list(t.shape)
-            if want[name] is None:  # a boundary state: [1, K-1, C] conv inputs or [1, H, Dv, Dk]
-                if len(shape) not in (3, 4) or shape[0] != 1:
-                    raise _Corrupt(f"array {name} has shape {shape}")
-            elif len(shape) != 4 or shape[2] != want[name]:
-                raise _Corrupt(f"array {name} has shape {shape}")
-        if size is not None and os.path.getsize(path) != size:
-            raise _Corrupt("file size does not match its header (truncated?)")
-        return key, depth, tokens
+    def _check(self, path: Path, meta: dict, tensors: dict, size: int | None) -> tuple[bytes, int, np.ndarray, bool]:
+        """Validate one of our block files (raises _Foreign / _Corrupt); return (key, depth, tokens, state)."""
+        return check_block(path, meta, tensors, size, root=self.root, block_size=self.block_size,
+                           layer_names=self._layer_names, mtp_names=self._mtp_names, state_names=self._state_names)
 
     # --- startup scan --------------------------------------------------------------------
     def _scan(self):
@@ -235,7 +201,7 @@ class DiskStore:
                 self.log(f"prefix cache: ignoring unreadable file {path} ({err or type(err).__name__})")
                 continue
             try:
-                key, depth, _ = self._check(path, meta, tensors, size)
+                key, depth, _, state = self._check(path, meta, tensors, size)
             except _Foreign:
                 foreign += 1
                 first_foreign = first_foreign or name
@@ -245,7 +211,7 @@ class DiskStore:
                 self._unlink(path)
                 continue
             st = path.stat()
-            self.entries[key] = DiskEntry(key, path, st.st_size, depth, st.st_mtime)
+            self.entries[key] = DiskEntry(key, path, st.st_size, depth, st.st_mtime, state)
             self.used += st.st_size
         if foreign:
             self.log(f"prefix cache: ignoring {foreign} file(s) of other models or block sizes in {self.dir} "
@@ -332,7 +298,7 @@ class DiskStore:
         with safe_open(str(e.path), framework="numpy") as f:
             meta = f.metadata() or {}
             arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
-        key, depth, tokens = self._check(e.path, meta, arrays, None)
+        key, depth, tokens, _ = self._check(e.path, meta, arrays, None)
         if key != e.key:
             raise _Corrupt("key changed")
         if checksum(arrays) != meta[CHECKSUM_KEY]:
@@ -417,7 +383,7 @@ class DiskStore:
                     os.utime(path, (b.tick, b.tick))
                 except OSError:
                     pass
-                self.entries[b.key] = DiskEntry(b.key, path, size, b.depth, b.tick)
+                self.entries[b.key] = DiskEntry(b.key, path, size, b.depth, b.tick, b.state)
                 self.used += size
                 self._counters["blocks_written"] += 1
             atomic.fsync_dir(self.dir)

@@ -332,7 +332,7 @@ class Worker(threading.Thread):
                 return self.pool.adopt(restored), st.get("disk_tokens", 0)
         pc = self.pool.take(pc) if pc is not None else self.pool.fresh()
         if self.prefix is not None:
-            self.prefix.track(pc)  # recurrent layers keep their states at block boundaries, for its blocks
+            self.prefix.track(pc, prompt)  # recurrent layers keep their states where its blocks will carry them
         return pc, 0
 
     def _save_prefix(self, pc):
