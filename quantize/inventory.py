@@ -12,7 +12,7 @@ from __future__ import annotations
 from glm_mlx.model.config import ModelArgs
 
 from .pricing import (ATTN, COMPONENTS, DENSE, DTYPE_BYTES, EMBED, HC, INDEXER, MTP, NORMS, ROUTED,  # noqa: F401
-                      ROUTER, SHARED, Tensor, mla_tensors, model_dtype_bytes)
+                      ROUTER, SHARED, Tensor, mla_tensors, mlp_tensors, model_dtype_bytes)
 
 
 def has_mtp(args: ModelArgs) -> bool:
@@ -52,31 +52,10 @@ def inventory(args: ModelArgs, mtp: bool = True) -> list[Tensor]:
         add(f"{p}.input_layernorm.weight", (h,), NORMS, l)
         add(f"{p}.post_attention_layernorm.weight", (h,), NORMS, l)
         mla_tensors(add, args, p + ".self_attn", l)
-        _mlp(add, args, p + ".mlp", l)
+        mlp_tensors(add, args, p + ".mlp", l, moe=layer_is_moe(args, l), router_bytes=None)
     add("model.norm.weight", (h,), NORMS)
     add("lm_head.weight", (args.vocab_size, h), EMBED, quantizable=True)
     return out
-
-
-def _mlp(add, args: ModelArgs, p: str, l: int):
-    h = args.hidden_size
-    if not layer_is_moe(args, l):
-        i = args.intermediate_size
-        add(f"{p}.gate_proj.weight", (i, h), DENSE, l, True)
-        add(f"{p}.up_proj.weight", (i, h), DENSE, l, True)
-        add(f"{p}.down_proj.weight", (h, i), DENSE, l, True)
-        return
-    E, m = args.n_routed_experts, args.moe_intermediate_size
-    add(f"{p}.gate.weight", (E, h), ROUTER, l)  # router: kept in the model dtype
-    add(f"{p}.gate.e_score_correction_bias", (E,), ROUTER, l, dtype_bytes=4)  # always float32
-    add(f"{p}.switch_mlp.gate_proj.weight", (E, m, h), ROUTED, l, True)
-    add(f"{p}.switch_mlp.up_proj.weight", (E, m, h), ROUTED, l, True)
-    add(f"{p}.switch_mlp.down_proj.weight", (E, h, m), ROUTED, l, True)
-    if args.n_shared_experts:
-        s = m * args.n_shared_experts
-        add(f"{p}.shared_experts.gate_proj.weight", (s, h), SHARED, l, True)
-        add(f"{p}.shared_experts.up_proj.weight", (s, h), SHARED, l, True)
-        add(f"{p}.shared_experts.down_proj.weight", (h, s), SHARED, l, True)
 
 
 def param_count(tensors) -> int:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from glm_mlx.model.glm5_next_config import Glm5NextArgs
 
-from .pricing import ATTN, DENSE, EMBED, HC, INDEXER, MTP, NORMS, ROUTED, ROUTER, SHARED, Tensor, mla_tensors, model_dtype_bytes
+from .pricing import ATTN, DENSE, EMBED, HC, INDEXER, MTP, NORMS, ROUTED, ROUTER, SHARED, Tensor, mla_tensors, mlp_tensors, model_dtype_bytes
 
 F32 = 4
 
@@ -49,7 +49,9 @@ def next_inventory(args: Glm5NextArgs, mtp: bool = True) -> list[Tensor]:
             _dsa(add, args, p + ".self_attn", l)
         else:
             _kda(add, args, p + ".self_attn", l)
-        _mlp(add, args, p + ".mlp", l)
+        # the reference keeps the router float32; GLM-5.1 stores it in the model dtype
+        moe = l >= args.num_hidden_layers or args.mlp_layer_types[l] == "sparse"
+        mlp_tensors(add, args, p + ".mlp", l, moe=moe, router_bytes=F32)
         add(f"{p}.input_layernorm.weight", (h,), NORMS, l)
         add(f"{p}.post_attention_layernorm.weight", (h,), NORMS, l)
         if l < args.num_hidden_layers:  # hyper-connections: hc_mult residual streams mixed per sub-block
@@ -87,24 +89,3 @@ def _dsa(add, args: Glm5NextArgs, p: str, l: int):
         i, d, h = f"{p}.indexer", args.index_head_dim, args.hidden_size
         add(f"{i}.index_kpool_compress_ape", (args.index_kpool, d), INDEXER, l)  # plain parameters, not Linear
         add(f"{i}.index_kpool_compress_gate", (d, h), INDEXER, l)
-
-
-def _mlp(add, args: Glm5NextArgs, p: str, l: int):
-    h = args.hidden_size
-    if l < args.num_hidden_layers and args.mlp_layer_types[l] != "sparse":
-        i = args.intermediate_size
-        add(f"{p}.gate_proj.weight", (i, h), DENSE, l, True)
-        add(f"{p}.up_proj.weight", (i, h), DENSE, l, True)
-        add(f"{p}.down_proj.weight", (h, i), DENSE, l, True)
-        return
-    E, m = args.n_routed_experts, args.moe_intermediate_size
-    add(f"{p}.gate.weight", (E, h), ROUTER, l, dtype_bytes=F32)  # the reference keeps the router float32
-    add(f"{p}.gate.e_score_correction_bias", (E,), ROUTER, l, dtype_bytes=F32)
-    add(f"{p}.switch_mlp.gate_proj.weight", (E, m, h), ROUTED, l, True)
-    add(f"{p}.switch_mlp.up_proj.weight", (E, m, h), ROUTED, l, True)
-    add(f"{p}.switch_mlp.down_proj.weight", (E, h, m), ROUTED, l, True)
-    if args.n_shared_experts:
-        s = m * args.n_shared_experts
-        add(f"{p}.shared_experts.gate_proj.weight", (s, h), SHARED, l, True)
-        add(f"{p}.shared_experts.up_proj.weight", (s, h), SHARED, l, True)
-        add(f"{p}.shared_experts.down_proj.weight", (h, s), SHARED, l, True)

@@ -1,5 +1,5 @@
 """The planner's shared units: the report's components, a tensor as the planner prices it, bytes per
-element of the model dtype, the working set's constants, and the MLA + indexer tensors both GLMs have. One module that every model's
+element of the model dtype, the working set's constants, and the MLA + indexer and MLP tensors both GLMs have. One module that every model's
 inventory and cost estimate imports (inventory.py and working_set.py for GLM-5.1, next_inventory.py
 and next_costs.py for GLM-5.3-Flash), so the dispatch by model_type runs one way."""
 
@@ -87,3 +87,30 @@ def mla_tensors(add, args, p: str, l: int):
         add(f"{i}.k_norm.weight", (d,), INDEXER, l)  # LayerNorm: never quantized
         add(f"{i}.k_norm.bias", (d,), INDEXER, l)
         add(f"{i}.weights_proj.weight", (args.index_n_heads, h), INDEXER, l, True)
+
+
+def mlp_tensors(add, args, p: str, l: int, *, moe: bool, router_bytes: int | None):
+    """A layer's MLP as both GLMs hold it: dense gate/up/down, or the router (its weight stored in
+    `router_bytes` per element, None: the model dtype; the correction bias always float32), the stacked
+    routed experts and the shared experts."""
+    h = args.hidden_size
+    if not moe:
+        i = args.intermediate_size
+        add(f"{p}.gate_proj.weight", (i, h), DENSE, l, True)
+        add(f"{p}.up_proj.weight", (i, h), DENSE, l, True)
+        add(f"{p}.down_proj.weight", (h, i), DENSE, l, True)
+        return
+    E, m = args.n_routed_experts, args.moe_intermediate_size
+    if router_bytes is None:
+        add(f"{p}.gate.weight", (E, h), ROUTER, l)
+    else:
+        add(f"{p}.gate.weight", (E, h), ROUTER, l, dtype_bytes=router_bytes)
+    add(f"{p}.gate.e_score_correction_bias", (E,), ROUTER, l, dtype_bytes=4)  # always float32
+    add(f"{p}.switch_mlp.gate_proj.weight", (E, m, h), ROUTED, l, True)
+    add(f"{p}.switch_mlp.up_proj.weight", (E, m, h), ROUTED, l, True)
+    add(f"{p}.switch_mlp.down_proj.weight", (E, h, m), ROUTED, l, True)
+    if args.n_shared_experts:
+        s = m * args.n_shared_experts
+        add(f"{p}.shared_experts.gate_proj.weight", (s, h), SHARED, l, True)
+        add(f"{p}.shared_experts.up_proj.weight", (s, h), SHARED, l, True)
+        add(f"{p}.shared_experts.down_proj.weight", (h, s), SHARED, l, True)

@@ -223,9 +223,6 @@ class Model(GlmModel):
         if bits:
             raise ValueError("GLM-5.3-Flash: a quantized KV cache is not supported yet")
 
-    def cache_bytes_per_token(self, mtp: bool = False) -> int:
-        return self.args.cache_bytes_per_token(self.model.norm.weight.dtype.size, mtp=mtp and self.has_mtp)
-
     def sanitize(self, weights: dict) -> dict:
         return sanitize_glm5_next(self.args, weights, keep_mtp=self.has_mtp)
 
