@@ -220,15 +220,28 @@ def calibrate(source, token_chunks: list[list[int]], *, mtp: bool = True, dtype=
     norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
     norm.load_weights([("weight", source.read("model.norm.weight").astype(dtype))])
     h = [norm(x) for x in h]
+
+    def mtp_block():
+        block = MTPLayer(args)
+        block.load_weights(_layer_weights(source, args, args.num_hidden_layers, dtype))
+        return block
+
+    return head_and_mtp(result, sums, h, nxt, args, source.read("lm_head.weight").astype(dtype),
+                        mtp_block if mtp else None)
+
+
+def head_and_mtp(result, sums, h, nxt, args, head_weight, mtp_block) -> Importance:
+    """The end of a calibration, every GLM's: the head over the final hidden states `h`, then (when
+    `mtp_block()` is given; built only after the head is freed) the MTP layer over the next tokens'
+    embeddings `nxt` and `h` shifted by one."""
     result.resid["head"] = _energy(h)
     head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-    head.load_weights([("weight", source.read("lm_head.weight").astype(dtype))])
+    head.load_weights([("weight", head_weight)])
     _run_head(result, sums, head, h, args)
-    del head
-    if mtp:
+    del head, head_weight
+    if mtp_block is not None:
         n = args.num_hidden_layers
-        block = MTPLayer(args)
-        block.load_weights(_layer_weights(source, args, n, dtype))
+        block = mtp_block()
         prefix = f"model.layers.{n}."
         result.resid[str(n)] = _energy(h)
         with recording(block, prefix, sums, args):

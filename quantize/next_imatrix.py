@@ -18,7 +18,7 @@ import mlx.nn as nn
 from glm_mlx.model.glm5_next import DecoderLayer, MTPLayer, sanitize_glm5_next
 from glm_mlx.model.glm5_next_config import Glm5NextArgs
 
-from .imatrix import Importance, _energy, _finish, _run_head, _Sums, recording
+from .imatrix import Importance, _energy, _finish, _Sums, head_and_mtp, recording
 from .next_convert import NextNames
 
 
@@ -61,19 +61,11 @@ def calibrate_next(source, token_chunks: list[list[int]], *, mtp: bool = True, d
     norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
     norm.load_weights([("weight", source.read(names.source("model.norm.weight")).astype(dtype))])
     h = [norm(s.mean(axis=2)) for s in h]  # the HyperHead: the streams' unweighted mean
-    result.resid["head"] = _energy(h)
-    head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-    head.load_weights([("weight", source.read(names.source("lm_head.weight")).astype(dtype))])
-    _run_head(result, sums, head, h, args)
-    del head
-    if mtp:
+
+    def mtp_block():
         block = MTPLayer(args)
         block.load_weights(_layer_weights(source, names, args, n, dtype))
-        prefix = f"model.layers.{n}."
-        result.resid[str(n)] = _energy(h)
-        with recording(block, prefix, sums, args):
-            for i in range(len(h)):
-                if nxt[i].shape[1]:
-                    mx.eval(block(nxt[i], h[i][:, :-1]), sums.sum, sums.n)
-        _finish(result, sums, block, prefix, args)
-    return result
+        return block
+
+    return head_and_mtp(result, sums, h, nxt, args, source.read(names.source("lm_head.weight")).astype(dtype),
+                        mtp_block if mtp else None)
