@@ -351,6 +351,9 @@ def test_json_access_log():
         line = s.wait_for_log(lambda ln: ln.startswith("{") and "chat/completions" in ln, start=start)
         rec = json.loads(line)
         assert rec["status"] == 200 and rec["completion"] == 2 and rec["method"] == "POST"
+        _raw(s, b"GARBAGE\r\n\r\n")  # what the guard refuses is logged in the same format
+        line = s.wait_for_log(lambda ln: ln.startswith("{") and "malformed" in ln, start=start)
+        assert json.loads(line)["status"] == 400
     finally:
         s.stop()
         s.cleanup()

@@ -141,6 +141,8 @@ class FrontDoor:
         query = scope.get("query_string") or b""
         where = escape(path + ("?" + query.decode("latin-1") if query else ""))
         client = (scope.get("client") or ("-", 0))[0]
+        # A generation route whose job ended without a Finished or Failed: its client went away.
+        cancelled = end is None and (state.get("gone") or (status == 200 and "seen" in state))
         if self.policy.log_format == "json":
             rec = {"time": round(time.time(), 3), "client": client, "method": method, "path": where,
                    "status": status, "seconds": round(seconds, 3)}
@@ -149,7 +151,7 @@ class FrontDoor:
                            ttft=round(end.ttft, 3), tok_s=round(end.generation_tps, 1), reason=end.reason)
             elif end is not None:
                 rec["error"] = escape(end.message)
-            elif state.get("gone") or (status == 200 and state.get("seen") is not None and end is None):
+            elif cancelled:
                 rec["cancelled"] = True
             line = json.dumps(rec)
         else:
@@ -159,10 +161,18 @@ class FrontDoor:
                          f"ttft={end.ttft:.3f}s {end.generation_tps:.1f}tok/s {end.reason}")
             elif end is not None:
                 extra = f" error: {escape(end.message)}"
-            elif state.get("gone") or (status == 200 and "seen" in state):
+            elif cancelled:
                 extra = " cancelled (client disconnected)"
             line = f'{client} "{method} {where}" {status}{extra} {seconds:.2f}s'
         self.write(line)
+
+    def connection_event(self, client: str, status: int, what: str):
+        """A line for what the guard did to a connection no request of which reached the app (a timeout,
+        malformed HTTP, the connection cap), in the access log's format."""
+        if self.policy.log_format == "json":
+            self.write(json.dumps({"time": round(time.time(), 3), "client": client, "status": status, "error": what}))
+        else:
+            self.write(f'{client} "- -" {status} {what}')
 
     def write(self, line: str):
         with self._lock:  # one line written whole, never interleaved with another (relay threads log too)

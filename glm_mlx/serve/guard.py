@@ -34,7 +34,7 @@ class Limits:
     header_timeout = 10.0
     body_timeout = 60.0
     max_connections = 1000
-    log = staticmethod(lambda line: None)  # the access log's writer (front_door.FrontDoor.write)
+    log = staticmethod(lambda client, status, what: None)  # front_door.FrontDoor.connection_event
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -71,7 +71,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def _log(self, status: int, what: str):
         client = self.client[0] if self.client else "-"
-        Limits.log(f'{client} "- -" {status} {what}')
+        Limits.log(client, status, what)
 
     def send_400_response(self, msg: str):
         self._disarm()

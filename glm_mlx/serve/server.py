@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 import socket
 import threading
-import time
 from dataclasses import dataclass
 
 import uvicorn
@@ -82,12 +80,6 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def _as_json(line: str) -> str:
-    client, _, rest = line.partition(' "- -" ')
-    status, _, what = rest.partition(" ")
-    return json.dumps({"time": round(time.time(), 3), "client": client, "status": int(status), "error": what})
-
-
 def run(worker, cfg, policy: Policy, sock: socket.socket, *, timeouts: Timeouts = Timeouts(),
         max_connections: int = 1000, log=None, planned_bytes: int | None = None):
     """Serve on `sock` until SIGTERM / Ctrl-C; the worker is stopped on the way out."""
@@ -96,7 +88,7 @@ def run(worker, cfg, policy: Policy, sock: socket.socket, *, timeouts: Timeouts 
     front = Front(worker, cfg, Bridge(threads=worker.max_queue + 64), metrics=Metrics(worker))
     front.planned_bytes = planned_bytes
     app = FrontDoor(make_app(front), policy, front, log)
-    Limits.log = app.write if policy.log_format == "text" else (lambda line: app.write(_as_json(line)))
+    Limits.log = app.connection_event
     logging.getLogger("uvicorn.error").setLevel(logging.ERROR)  # its "Invalid HTTP request" lines: the guard logs them
     config = uvicorn.Config(app, http=GuardedH11Protocol, lifespan="off", access_log=False, log_config=None,
                             log_level="warning", timeout_keep_alive=timeouts.keep_alive, server_header=False,
